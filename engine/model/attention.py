@@ -1,0 +1,102 @@
+"""Softmax self-attention (gated, with RoPE) and text cross-attention of the SANA-Streaming DiT.
+
+Softmax self-attention, both released variants: q_norm/k_norm = RMSNorm over all C (eps 1e-5, no ReLU, no key
+scale), RoPE on q/k, non-causal SDPA with scale 1/sqrt(D), out * SiLU(output_gate(x)) -> proj.
+- bidirectional (`V2VGatedSoftmaxAttention`): q/k are Linear [C, C]; attention over the whole clip.
+- streaming (`V2VAfterRoPEGatedSoftmaxAttention`): q/k are Conv1d [C, C, 3] of which only the centre tap is
+  applied; queries are the current chunk, keys/values = cached window (post-RoPE k, raw v) + current chunk.
+
+Cross-attention (`MultiHeadCrossAttention`): q_linear, kv_linear (K = first C outputs, V = last C), RMSNorm over
+C on q and k (eps 1e-6), additive text mask (1 - m) * -10000, proj. No RoPE, no gate, nothing cached.
+
+Non-goals: choosing which chunks form the window (cache.py does that and hands over the keys).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.model.layers import RMSNorm, apply_rope
+
+
+class SoftmaxAttention(nn.Module):
+    """Gated softmax self-attention; `streaming` selects the 3-tap Conv1d q/k layout of the AR checkpoint."""
+
+    def __init__(self, hidden: int, head_dim: int, streaming: bool, norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.heads = hidden // head_dim
+        self.head_dim = head_dim
+        self.streaming = streaming
+        if streaming:
+            self.q = nn.Conv1d(hidden, hidden, 3, padding=1, bias=False)
+            self.k = nn.Conv1d(hidden, hidden, 3, padding=1, bias=False)
+        else:
+            self.q = nn.Linear(hidden, hidden, bias=False)
+            self.k = nn.Linear(hidden, hidden, bias=False)
+        self.v = nn.Linear(hidden, hidden, bias=False)
+        self.q_norm = RMSNorm(hidden, norm_eps)
+        self.k_norm = RMSNorm(hidden, norm_eps)
+        self.output_gate = nn.Linear(hidden, hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def kv_shapes(self, batch: int, tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """What one cached chunk of this layer holds: post-RoPE k and raw v, (B, tokens, heads, D), activation dtype."""
+        shape = (batch, tokens, self.heads, self.head_dim)
+        return {"k": (shape, None), "v": (shape, None)}
+
+    def _qk_weight(self, w: Tensor) -> Tensor:
+        return w[:, :, 1] if self.streaming else w
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Tensor | None,
+        past_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, N, C); rope (N, D/2) for the current tokens' absolute positions; past_kv: window keys (post-RoPE)
+        and values, each (B, M, heads, D).
+
+        Returns (out (B, N, C), (k, v) of the current tokens, (B, N, heads, D), for the cache)."""
+        B, N, C = x.shape
+        shape = (B, N, self.heads, self.head_dim)
+        q = self.q_norm(F.linear(x, self._qk_weight(self.q.weight))).reshape(shape)
+        k = self.k_norm(F.linear(x, self._qk_weight(self.k.weight))).reshape(shape)
+        v = self.v(x).reshape(shape)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        k_all, v_all = k, v
+        if past_kv is not None:
+            k_all = torch.cat([past_kv[0].to(k.dtype), k], dim=1)
+            v_all = torch.cat([past_kv[1].to(v.dtype), v], dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
+        out = out.transpose(1, 2).reshape(B, N, C).to(x.dtype)
+        out = out * F.silu(self.output_gate(x).float()).to(x.dtype)
+        return self.proj(out), (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Text cross-attention; keys `q_linear kv_linear proj q_norm k_norm`."""
+
+    def __init__(self, hidden: int, num_heads: int, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.heads = num_heads
+        self.head_dim = hidden // num_heads
+        self.q_linear = nn.Linear(hidden, hidden)
+        self.kv_linear = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.q_norm = RMSNorm(hidden, norm_eps)
+        self.k_norm = RMSNorm(hidden, norm_eps)
+
+    def forward(self, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+        """x (B, N, C); y (B, L, C) projected text; mask (B, L), 1 = token, 0 = padding."""
+        B, N, C = x.shape
+        L = y.shape[1]
+        q = self.q_norm(self.q_linear(x)).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_linear(y).chunk(2, dim=-1)
+        k = self.k_norm(k).reshape(B, L, self.heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, L, self.heads, self.head_dim).transpose(1, 2)
+        bias = ((1 - mask.to(q.dtype)) * -10000.0)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))

@@ -1,0 +1,156 @@
+"""Per-session streaming cache of the DiT: what each layer carries from one chunk to the next.
+
+| layer kind | carried |
+| --- | --- |
+| GDN | forward-scan state M (B,H,D,D) and z (B,H,D,1), fp32, cumulative over all past chunks |
+| softmax | per cached chunk: post-RoPE keys and raw values (B, tokens, H, D) + its FFN context frame |
+| every block | FFN temporal-conv context: the last spatial-output frame (B, C, 1, S) of the previous chunk |
+
+Window rule of the softmax layers for chunk i (the released `SANAStreamingSampler`, cache strategy fixed_rope):
+    n = num_cached_blocks; n <= 0 means the whole history.
+    window = range(max(i - n, 0), i); if sink_token and n > 0 and i - n + 1 > 0: window = [0] + range(i - n + 1, i).
+The softmax layers' FFN context is the last frame of the last chunk *in the window* (normally chunk i - 1; with
+n = 1 and the sink it is the sink chunk's), the GDN layers' always chunk i - 1's.
+
+Writes happen only in calls with save=True (the t = 0 refresh, or the last denoising step with efficient_cache);
+chunks no future window can reach are dropped at write time, so memory stays bounded.
+
+Non-goals: serialisation format and config checks (engine/session.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def softmax_window(chunk: int, num_cached_blocks: int, sink_token: bool) -> list[int]:
+    """Indices of the past chunks whose keys/values the softmax layers see while processing `chunk`."""
+    n = num_cached_blocks
+    if chunk <= 0:
+        return []
+    if n <= 0:
+        return list(range(chunk))
+    window = list(range(max(chunk - n, 0), chunk))
+    if sink_token and chunk - n + 1 > 0:
+        window = [0, *range(chunk - n + 1, chunk)]
+    return window
+
+
+@dataclass
+class LayerRead:
+    """What one block reads from the cache for the current chunk."""
+
+    gdn_state: tuple[Tensor, Tensor] | None = None
+    past_kv: tuple[Tensor, Tensor] | None = None
+    ffn_ctx: Tensor | None = None
+
+
+@dataclass
+class LayerWrite:
+    """What one block produced that the cache may keep (only stored when the call saves)."""
+
+    gdn_state: tuple[Tensor, Tensor] | None = None
+    kv: tuple[Tensor, Tensor] | None = None
+    ffn_last: Tensor | None = None
+
+
+@dataclass
+class DiTCache:
+    """Streaming cache of one session (batch dimension = the session's CFG branches, usually 1)."""
+
+    softmax_layers: tuple[int, ...]
+    num_cached_blocks: int = 2
+    sink_token: bool = True
+    chunk_frames: list[int] = field(default_factory=list)
+    """Frame counts of the chunks written so far; the next chunk's index is len(chunk_frames)."""
+    gdn: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    ffn: dict[int, Tensor] = field(default_factory=dict)
+    """GDN blocks: FFN context of the last written chunk."""
+    kv: dict[int, dict[int, dict[str, Tensor]]] = field(default_factory=dict)
+    """Softmax blocks: layer -> chunk -> {"k", "v", "ffn"}."""
+
+    @property
+    def chunk_index(self) -> int:
+        return len(self.chunk_frames)
+
+    @property
+    def next_frame(self) -> int:
+        return sum(self.chunk_frames)
+
+    def window(self, chunk: int | None = None) -> list[int]:
+        return softmax_window(self.chunk_index if chunk is None else chunk, self.num_cached_blocks, self.sink_token)
+
+    def read(self, layer: int) -> LayerRead:
+        if layer not in self.softmax_layers:
+            return LayerRead(gdn_state=self.gdn.get(layer), ffn_ctx=self.ffn.get(layer))
+        chunks = self.kv.get(layer, {})
+        window = [c for c in self.window() if c in chunks]
+        if not window:
+            return LayerRead()
+        k = torch.cat([chunks[c]["k"] for c in window], dim=1)
+        v = torch.cat([chunks[c]["v"] for c in window], dim=1)
+        return LayerRead(past_kv=(k, v), ffn_ctx=chunks[window[-1]]["ffn"])
+
+    def write(self, writes: list[LayerWrite], frames: int) -> None:
+        """Store the current chunk's outputs of every block, then drop what no later window can use."""
+        chunk = self.chunk_index
+        for layer, w in enumerate(writes):
+            if layer in self.softmax_layers:
+                assert w.kv is not None and w.ffn_last is not None
+                self.kv.setdefault(layer, {})[chunk] = {"k": w.kv[0], "v": w.kv[1], "ffn": w.ffn_last}
+            else:
+                assert w.gdn_state is not None and w.ffn_last is not None
+                self.gdn[layer] = w.gdn_state
+                self.ffn[layer] = w.ffn_last
+        self.chunk_frames.append(frames)
+        self._prune()
+
+    def _prune(self) -> None:
+        n = self.num_cached_blocks
+        if n <= 0:
+            return
+        # The next window starts at (index - n + 1) with the sink, (index - n) without; later ones start later.
+        first = self.chunk_index - n + (1 if self.sink_token else 0)
+        for chunks in self.kv.values():
+            for c in [c for c in chunks if c < first and not (self.sink_token and c == 0)]:
+                del chunks[c]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    # --- flat view for snapshots -------------------------------------------------------------------------
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor under a stable name (`gdn.{layer}.state_kv`, `softmax.{layer}.{chunk}.k`, ...)."""
+        out: dict[str, Tensor] = {}
+        for layer, (m, z) in self.gdn.items():
+            out[f"gdn.{layer}.state_kv"] = m
+            out[f"gdn.{layer}.state_z"] = z
+        for layer, t in self.ffn.items():
+            out[f"ffn.{layer}"] = t
+        for layer, chunks in self.kv.items():
+            for c, parts in chunks.items():
+                for name, t in parts.items():
+                    out[f"softmax.{layer}.{c}.{name}"] = t
+        return out
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.gdn.clear()
+        self.ffn.clear()
+        self.kv.clear()
+        pending: dict[int, dict[str, Tensor]] = {}
+        for key, t in tensors.items():
+            kind, layer, *rest = key.split(".")
+            if kind == "gdn":
+                pending.setdefault(int(layer), {})[rest[0]] = t
+            elif kind == "ffn":
+                self.ffn[int(layer)] = t
+            elif kind == "softmax":
+                self.kv.setdefault(int(layer), {}).setdefault(int(rest[0]), {})[rest[1]] = t
+            else:
+                raise ValueError(f"unknown DiT cache entry {key!r}")
+        for layer, parts in pending.items():
+            self.gdn[layer] = (parts["state_kv"], parts["state_z"])

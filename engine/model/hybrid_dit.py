@@ -1,0 +1,221 @@
+"""The hybrid SANA-Streaming DiT (`SanaMSVideoV2V`): GDN + softmax blocks, both released variants in one class.
+
+    x = PatchEmbed([noisy | source])                      (B, N, C), N = T*H*W tokens, t-major
+    t_emb = TimestepEmbedder(trunc(t)); t0 = Linear(SiLU(t_emb)) -> 6C   (adaLN-single, shared by all blocks)
+    y = RMSNorm(Mlp(text))
+    for each block:  x += gate1 * SelfAttn(LN(x)(1+scale1)+shift1)    GDN, or softmax at softmax_layer_ids
+                     x += CrossAttn(x, y, mask)                         no norm, no gate
+                     x += gate2 * FFN(LN(x)(1+scale2)+shift2)           GLUMBConvTemp
+    v = Linear(LN(x)(1+scale)+shift), (shift, scale) = table + t_emb    flow velocity eps - x0
+
+Module names and shapes are those of the released checkpoints (no `pos_embed`: the release's is an unused zero
+buffer that the checkpoints omit). Streaming: pass a `DiTCache`; the current chunk sits at absolute frames
+[cache.next_frame, cache.next_frame + T) for RoPE; with save=True the call writes the cache.
+
+Non-goals: sampling loops (engine/sampler.py, engine/pipeline.py), weight loading (engine/weights.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from engine.config import DiTConfig
+from engine.model.attention import CrossAttention, SoftmaxAttention
+from engine.model.cache import DiTCache, LayerRead, LayerWrite
+from engine.model.gdn import GDNAttention
+from engine.model.layers import (
+    CaptionEmbedder,
+    FinalLayer,
+    GLUMBConvTemp,
+    RMSNorm,
+    RoPE3D,
+    TimestepEmbedder,
+    layer_norm,
+    modulate,
+)
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = (1,1,1) over [noisy | source] channels (key `x_embedder.proj`)."""
+
+    def __init__(self, in_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, Cin, T, H, W) -> (B, T*H*W, C); a 1x1x1 conv is a linear map over channels."""
+        w = self.proj.weight.flatten(1)
+        return nn.functional.linear(x.flatten(2).transpose(1, 2), w, self.proj.bias)
+
+
+class HybridBlock(nn.Module):
+    """One DiT block: adaLN-modulated self-attention (GDN or softmax), cross-attention, FFN."""
+
+    def __init__(self, cfg: DiTConfig, index: int) -> None:
+        super().__init__()
+        C = cfg.hidden_size
+        self.index = index
+        self.is_softmax = index in cfg.softmax_layer_ids
+        self.eps = cfg.norm_eps
+        self.scale_shift_table = nn.Parameter(torch.randn(6, C) / C**0.5)
+        if self.is_softmax:
+            self.attn: nn.Module = SoftmaxAttention(C, cfg.head_dim, cfg.streaming, cfg.qk_norm_eps)
+        else:
+            self.attn = GDNAttention(C, cfg.head_dim, cfg.qk_norm_eps, cfg.gdn_eps)
+        self.cross_attn = CrossAttention(C, cfg.num_heads, cfg.norm_eps)
+        self.mlp = GLUMBConvTemp(C, cfg.ffn_hidden, cfg.t_kernel_size)
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        mask: Tensor,
+        t0: Tensor,
+        hw: tuple[int, int, int],
+        rope: Tensor | None,
+        read: LayerRead,
+    ) -> tuple[Tensor, LayerWrite, Tensor]:
+        """Returns (x, what the cache may keep, self-attention output before gate1 (for inspection))."""
+        B, N, C = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t0.reshape(B, 6, C)).chunk(
+            6, dim=1
+        )
+        h = modulate(layer_norm(x, self.eps), shift1, scale1)
+        write = LayerWrite()
+        if self.is_softmax:
+            attn_out, write.kv = self.attn(h, rope, read.past_kv)
+        else:
+            attn_out, write.gdn_state = self.attn(h, hw, rope, read.gdn_state)
+        x = x + gate1 * attn_out
+        x = x + self.cross_attn(x, y, mask)
+        ffn_out, write.ffn_last = self.mlp(modulate(layer_norm(x, self.eps), shift2, scale2), hw, read.ffn_ctx)
+        x = x + gate2 * ffn_out
+        return x, write, attn_out
+
+
+class SanaStreamingDiT(nn.Module):
+    """SANA-Streaming 2B DiT and its smaller siblings, built from a `DiTConfig`."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.in_channels + cfg.source_channels, C)
+        self.t_embedder = TimestepEmbedder(C, cfg.timestep_freq_dim)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, C, cfg.text_len)
+        self.attention_y_norm = RMSNorm(C, cfg.qk_norm_eps)
+        self.blocks = nn.ModuleList(HybridBlock(cfg, i) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(C, cfg.in_channels, cfg.norm_eps)
+        self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta, cfg.rope_max_len)
+
+    # --- construction helpers ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, release_gates: bool = False) -> SanaStreamingDiT:
+        """Deterministic random weights for tests and benchmarks (not a training init).
+
+        Every tensor gets a draw scaled so that each sub-layer contributes visibly; with release_gates the GDN
+        gates, output gates and t_conv get the release's "linear-equivalent" training init instead.
+        """
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            std = 0.2 if "scale_shift_table" in name else (fan_in**-0.5 if p.dim() > 1 else 0.02)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("A_log", "dt_bias", "beta_proj.bias", "gate_proj.bias")):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "bias" in name else 0.5))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        buf = self.y_embedder.y_embedding
+        buf.copy_(torch.randn(buf.shape, generator=g) * 0.02)
+        if release_gates:
+            for block in self.blocks:
+                a = block.attn
+                if isinstance(a, GDNAttention):
+                    a.beta_proj.weight.zero_()
+                    a.beta_proj.bias.fill_(5.0)
+                    a.gate_proj.weight.zero_()
+                    a.gate_proj.bias.zero_()
+                    a.dt_bias.fill_(-8.0)
+                    a.A_log.zero_()
+                a.output_gate.weight.zero_()
+                a.output_gate.bias.fill_(1.0)
+                block.mlp.t_conv.weight.zero_()
+        return self
+
+    def init_non_persistent_buffers(self) -> None:
+        """Nothing to rebuild: RoPE tables are plain attributes computed on first use (meta-loading hook)."""
+
+    # --- forward -------------------------------------------------------------------------------------------
+
+    def embed_text(self, text: Tensor, drop_mask: Tensor | None = None) -> Tensor:
+        """text (B, L, caption_channels) or (B, 1, L, caption_channels) -> (B, L, C) after y_proj + RMSNorm."""
+        if text.dim() == 4:
+            text = text.squeeze(1)
+        return self.attention_y_norm(self.y_embedder(text.to(self.dtype), drop_mask))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    def forward(
+        self,
+        x: Tensor,
+        source: Tensor,
+        timestep: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        *,
+        cache: DiTCache | None = None,
+        save_cache: bool = False,
+        start_frame: int | None = None,
+        return_intermediates: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Flow velocity for one chunk (streaming) or one whole clip (bidirectional).
+
+        Args:
+            x: (B, in_channels, T, H, W) noisy latent.  source: (B, source_channels, T, H, W) source latent.
+            timestep: (B,) in [0, 1000]; truncated to an integer like the release.
+            text: (B, L, caption_channels) or (B, 1, L, caption_channels).  text_mask: (B, L), 1 = token.
+            cache: the session's streaming cache (read always, written when save_cache).  None = no history.
+            start_frame: absolute frame of x's first frame for RoPE; default cache.next_frame (or 0).
+            return_intermediates: also return a dict of inspection tensors (tests).
+
+        Returns: velocity (B, in_channels, T, H, W) in the model dtype.
+        """
+        B, _, T, H, W = x.shape
+        if source.shape[2:] != x.shape[2:]:
+            raise ValueError(f"source latent {tuple(source.shape)} does not match noisy latent {tuple(x.shape)}")
+        hw = (T, H, W)
+        dtype = self.dtype
+        if start_frame is None:
+            start_frame = cache.next_frame if cache is not None else 0
+        tokens = self.x_embedder(torch.cat([x, source], dim=1).to(dtype))
+        t_emb = self.t_embedder(timestep.to(x.device))
+        t0 = self.t_block(t_emb)
+        y = self.embed_text(text)
+        mask = text_mask.to(x.device)
+        rope = self.rope.table(start_frame, T, H, W, x.device)
+        mids: dict[str, Tensor] = {}
+        if return_intermediates:
+            mids.update(tokens=tokens, t_emb=t_emb, t0=t0, y=y)
+        writes: list[LayerWrite] = []
+        h = tokens
+        for block in self.blocks:
+            read = cache.read(block.index) if cache is not None else LayerRead()
+            h, write, attn_out = block(h, y, mask, t0, hw, rope, read)
+            writes.append(write)
+            if return_intermediates:
+                mids[f"block{block.index}.self_attn_out"] = attn_out
+                mids[f"block{block.index}.out"] = h
+        if cache is not None and save_cache:
+            cache.write(writes, T)
+        out = self.final_layer(h, t_emb)  # (B, N, Cout)
+        v = out.transpose(1, 2).reshape(B, -1, T, H, W)
+        return (v, mids) if return_intermediates else v
+
+    def new_cache(self, num_cached_blocks: int = 2, sink_token: bool = True) -> DiTCache:
+        return DiTCache(self.cfg.softmax_layer_ids, num_cached_blocks, sink_token)

@@ -1,0 +1,197 @@
+"""Building blocks of the SANA-Streaming DiT: norms, embedders, 3D RoPE, the GLUMBConvTemp FFN, final layer.
+
+Module and parameter names follow the released checkpoints (`../shared/reference/*_keys.tsv`). The numerics
+follow the release's bf16 inference path: RMSNorm normalises in fp32, the timestep sinusoid is fp32, RoPE rotates
+in complex128; everything else runs in the activation dtype.
+
+Token layout everywhere: (B, N, C) with N = T * H * W, t-major then h then w.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    """weight * x * rsqrt(mean(x^2) + eps), normalised in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).type_as(x)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation x * (1 + scale) + shift; shift/scale broadcast (B, 1, C)."""
+    return x * (1 + scale) + shift
+
+
+def layer_norm(x: Tensor, eps: float) -> Tensor:
+    """LayerNorm without affine parameters (the blocks' norm1/norm2 and the final norm)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+class TimestepEmbedder(nn.Module):
+    """Integer-truncated timestep -> fp32 sinusoid [cos | sin] -> Linear -> SiLU -> Linear.  Keys `mlp.0`, `mlp.2`."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    @staticmethod
+    def sinusoid(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        """t (B,) -> (B, dim) fp32; frequencies exp(-ln(max_period) * i / (dim/2))."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: Tensor) -> Tensor:
+        # The release truncates toward zero: timestep.long() then float.
+        t = t.long().float()
+        emb = self.sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb)
+
+
+class CaptionMlp(nn.Module):
+    """timm-style Mlp: fc1 -> GELU(tanh) -> fc2 (keys `fc1`, `fc2`)."""
+
+    def __init__(self, in_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text projection `y_proj` plus the null-caption buffer `y_embedding` (used for CFG dropout in training)."""
+
+    def __init__(self, caption_channels: int, hidden: int, text_len: int) -> None:
+        super().__init__()
+        self.y_proj = CaptionMlp(caption_channels, hidden)
+        self.register_buffer("y_embedding", torch.randn(text_len, caption_channels) / caption_channels**0.5)
+
+    def forward(self, y: Tensor, drop_mask: Tensor | None = None) -> Tensor:
+        """y (B, L, caption_channels); drop_mask (B,) bool replaces a sample's caption by the null caption."""
+        if drop_mask is not None:
+            y = torch.where(drop_mask[:, None, None], self.y_embedding.to(y.dtype)[None], y)
+        return self.y_proj(y)
+
+
+class FinalLayer(nn.Module):
+    """(shift, scale) = scale_shift_table + t_emb; LN -> modulate -> Linear(C -> out)."""
+
+    def __init__(self, hidden: int, out_channels: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(hidden, out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden) / hidden**0.5)
+
+    def forward(self, x: Tensor, t_emb: Tensor) -> Tensor:
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).chunk(2, dim=1)
+        return self.linear(modulate(layer_norm(x, self.eps), shift, scale))
+
+
+class RoPE3D:
+    """3D rotary table of the release (`WanRotaryPosEmbed`), absolute integer positions.
+
+    Head dim D splits into t: D - 2*2*(D//6)... precisely h = w = 2*(D//6) dims and t = D - h - w, each axis with
+    its own frequencies theta^(-2i/d_axis). Channels (2i, 2i+1) of a head form one complex number; the D/2 slots are
+    ordered [t | h | w]. Tables are complex128, as in the release.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, max_len: int = 1024) -> None:
+        self.head_dim = head_dim
+        hw = 2 * (head_dim // 6)
+        self.dims = (head_dim - 2 * hw, hw, hw)
+        self.theta = theta
+        self.max_len = max_len
+        self._tables: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def _axis_tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        if device not in self._tables:
+            pos = torch.arange(self.max_len, dtype=torch.float64)
+            out = []
+            for d in self.dims:
+                freqs = 1.0 / self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+                out.append(torch.polar(torch.ones(self.max_len, d // 2, dtype=torch.float64), torch.outer(pos, freqs)))
+            self._tables[device] = tuple(t.to(device) for t in out)
+        return self._tables[device]
+
+    def table(self, start_frame: int, T: int, H: int, W: int, device: torch.device) -> Tensor:
+        """Complex128 (T*H*W, D/2) for frames [start_frame, start_frame + T) and all rows/columns."""
+        if start_frame + T > self.max_len or H > self.max_len or W > self.max_len:
+            raise ValueError(
+                f"RoPE positions exceed the table: frames up to {start_frame + T}, grid {H}x{W}, max {self.max_len}"
+            )
+        ft, fh, fw = self._axis_tables(device)
+        ft = ft[start_frame : start_frame + T][:, None, None].expand(T, H, W, -1)
+        fh = fh[:H][None, :, None].expand(T, H, W, -1)
+        fw = fw[:W][None, None, :].expand(T, H, W, -1)
+        return torch.cat([ft, fh, fw], dim=-1).reshape(T * H * W, -1)
+
+
+def apply_rope(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate x (..., N, heads, D) by table (N, D/2) in complex128; result in x's dtype."""
+    xc = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (-1, 2)).contiguous())
+    out = torch.view_as_real(xc * table[:, None, :]).flatten(-2)
+    return out.to(x.dtype)
+
+
+class _Conv(nn.Module):
+    """Holds a conv under `.conv` so keys read `mlp.inverted_conv.conv.weight` as in the release."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+
+class GLUMBConvTemp(nn.Module):
+    """FFN: per-frame GLU MBConv (1x1 -> SiLU -> 3x3 depthwise -> a*SiLU(g) -> 1x1) plus a residual temporal conv.
+
+    The temporal conv (`t_conv`, kernel (3,1), no bias) runs over frames at each spatial position. Its left
+    context is the previous chunk's last spatial-output frame when given (`ctx`), zero padding otherwise; the
+    right edge is always zero-padded (the release's `CachedGLUMBConvTemp`).
+    """
+
+    def __init__(self, hidden: int, ffn_hidden: int, t_kernel: int = 3) -> None:
+        super().__init__()
+        if t_kernel != 3:
+            raise ValueError("only t_kernel_size 3 is supported (the released models use 3)")
+        self.ffn_hidden = ffn_hidden
+        self.inverted_conv = _Conv(nn.Conv2d(hidden, 2 * ffn_hidden, 1))
+        self.depth_conv = _Conv(nn.Conv2d(2 * ffn_hidden, 2 * ffn_hidden, 3, padding=1, groups=2 * ffn_hidden))
+        self.point_conv = _Conv(nn.Conv2d(ffn_hidden, hidden, 1, bias=False))
+        self.t_conv = nn.Conv2d(hidden, hidden, (t_kernel, 1), bias=False)
+
+    def spatial(self, x: Tensor, hw: tuple[int, int, int]) -> Tensor:
+        """x (B, N, C) -> (B, C, T, S): the per-frame GLU MBConv."""
+        B, N, C = x.shape
+        T, H, W = hw
+        y = x.reshape(B * T, H, W, C).permute(0, 3, 1, 2)
+        y = F.silu(self.inverted_conv.conv(y))
+        y = self.depth_conv.conv(y)
+        a, g = y.chunk(2, dim=1)
+        y = self.point_conv.conv(a * F.silu(g))  # (B*T, C, H, W)
+        return y.reshape(B, T, C, H * W).transpose(1, 2)
+
+    def forward(self, x: Tensor, hw: tuple[int, int, int], ctx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, N, C); ctx (B, C, 1, S) or None. Returns (out (B, N, C), last spatial frame (B, C, 1, S))."""
+        B, N, C = x.shape
+        y = self.spatial(x, hw)  # (B, C, T, S)
+        left = torch.zeros_like(y[:, :, :1]) if ctx is None else ctx.to(y.dtype)
+        padded = torch.cat([left, y, torch.zeros_like(y[:, :, :1])], dim=2)
+        out = y + self.t_conv(padded)
+        return out.permute(0, 2, 3, 1).reshape(B, N, C), y[:, :, -1:]
