@@ -208,7 +208,7 @@ TINY_VAE_KWARGS: dict[str, Any] = dict(
     LTX2_VAE_KWARGS,
     latent_channels=16,
     block_out_channels=(16, 32, 32, 32),
-    decoder_block_out_channels=(16, 32, 32),
+    decoder_block_out_channels=(16, 32, 64),  # must double per stage like the real (256, 512, 1024)
     layers_per_block=(1, 1, 1, 1, 1),
     decoder_layers_per_block=(1, 1, 1, 1),
 )

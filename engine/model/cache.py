@@ -39,6 +39,11 @@ def softmax_window(chunk: int, num_cached_blocks: int, sink_token: bool) -> list
     return window
 
 
+def _own(t: Tensor) -> Tensor:
+    """A contiguous tensor that owns its memory (detached)."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
 @dataclass
 class LayerRead:
     """What one block reads from the cache for the current chunk."""
@@ -95,16 +100,21 @@ class DiTCache:
         return LayerRead(past_kv=(k, v), ffn_ctx=chunks[window[-1]]["ffn"])
 
     def write(self, writes: list[LayerWrite], frames: int) -> None:
-        """Store the current chunk's outputs of every block, then drop what no later window can use."""
+        """Store the current chunk's outputs of every block, then drop what no later window can use.
+
+        Stored tensors are compact copies: never views that would pin a whole activation in memory, and always
+        the same memory layout, so a restored snapshot computes exactly what the live session would."""
         chunk = self.chunk_index
         for layer, w in enumerate(writes):
+            assert w.ffn_last is not None
+            ffn = _own(w.ffn_last)
             if layer in self.softmax_layers:
-                assert w.kv is not None and w.ffn_last is not None
-                self.kv.setdefault(layer, {})[chunk] = {"k": w.kv[0], "v": w.kv[1], "ffn": w.ffn_last}
+                assert w.kv is not None
+                self.kv.setdefault(layer, {})[chunk] = {"k": _own(w.kv[0]), "v": _own(w.kv[1]), "ffn": ffn}
             else:
-                assert w.gdn_state is not None and w.ffn_last is not None
-                self.gdn[layer] = w.gdn_state
-                self.ffn[layer] = w.ffn_last
+                assert w.gdn_state is not None
+                self.gdn[layer] = (_own(w.gdn_state[0]), _own(w.gdn_state[1]))
+                self.ffn[layer] = ffn
         self.chunk_frames.append(frames)
         self._prune()
 

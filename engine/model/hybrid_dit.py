@@ -119,18 +119,23 @@ class SanaStreamingDiT(nn.Module):
         Every tensor gets a draw scaled so that each sub-layer contributes visibly; with release_gates the GDN
         gates, output gates and t_conv get the release's "linear-equivalent" training init instead.
         """
-        g = torch.Generator().manual_seed(seed)
+        device = self.x_embedder.proj.weight.device
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def randn(shape: torch.Size) -> Tensor:
+            return torch.randn(shape, generator=g, device=device)
+
         for name, p in self.named_parameters():
             fan_in = p[0].numel() if p.dim() > 1 else 1
             std = 0.2 if "scale_shift_table" in name else (fan_in**-0.5 if p.dim() > 1 else 0.02)
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(1.0 + 0.1 * randn(p.shape))
             elif name.endswith(("A_log", "dt_bias", "beta_proj.bias", "gate_proj.bias")):
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "bias" in name else 0.5))
+                p.copy_(randn(p.shape) * (1.0 if "bias" in name else 0.5))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(randn(p.shape) * std)
         buf = self.y_embedder.y_embedding
-        buf.copy_(torch.randn(buf.shape, generator=g) * 0.02)
+        buf.copy_(randn(buf.shape) * 0.02)
         if release_gates:
             for block in self.blocks:
                 a = block.attn

@@ -132,7 +132,7 @@ class RoPE3D:
 
     def table(self, start_frame: int, T: int, H: int, W: int, device: torch.device) -> Tensor:
         """Complex128 (T*H*W, D/2) for frames [start_frame, start_frame + T) and all rows/columns."""
-        if start_frame + T > self.max_len or H > self.max_len or W > self.max_len:
+        if start_frame + T > self.max_len or self.max_len < H or self.max_len < W:
             raise ValueError(
                 f"RoPE positions exceed the table: frames up to {start_frame + T}, grid {H}x{W}, max {self.max_len}"
             )

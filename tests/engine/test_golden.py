@@ -40,7 +40,11 @@ def test_forward_matches_release(variant, golden_model):
     close(mids["t0"], f["mid.t0"], "t0")
     close(mids["y"], f["mid.y_after_y_norm"].squeeze(1), "text after y_norm")
     for i in range(model.cfg.depth):
-        close(mids[f"block{i}.self_attn_out"][:1], f[f"mid.block{i}.self_attn_out.batch0"], f"block {i} self-attn")
+        close(
+            mids[f"block{i}.self_attn_out"][:1],
+            f[f"mid.block{i}.self_attn_out.batch0"],
+            f"block {i} self-attn",
+        )
         close(mids[f"block{i}.out"][:1], f[f"mid.block{i}.out.batch0"], f"block {i} out")
     close(v, f["out.velocity"], "velocity")
 

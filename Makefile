@@ -1,0 +1,42 @@
+# sana-stream developer commands. `make demo` and `make test` each work on a fresh machine (they run setup first).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TORCH_PIN ?= torch==2.13.0
+OUT ?= outputs
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint format bench proto clean
+
+setup: .setup-stamp
+
+# torch first, pinned, so no CUDA build is pulled on CPU machines; then the package with its dev extras.
+.setup-stamp: pyproject.toml
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[dev]"
+	@touch $@
+
+test: setup
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	@mkdir -p $(OUT)
+	$(PYTHON) -m engine.testclips --frames 73 --height 128 --width 192 --seed 3 $(OUT)/demo_input.mp4
+	sana-stream edit --preset tiny --prompt "make the red circle blue" \
+		--video_path $(OUT)/demo_input.mp4 --num_frames 73 --output_dir $(OUT) --output_name demo_edited.mp4
+	@echo "input:  $(OUT)/demo_input.mp4"
+	@echo "edited: $(OUT)/demo_edited.mp4"
+
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: setup
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
+
+# On a GPU machine: the 2B streaming model at 1280x704 with random weights.
+bench:
+	sana-stream bench --preset sana-streaming-2b-ar --height 704 --width 1280 --json $(OUT)/bench.json
+
+clean:
+	rm -rf $(OUT) .setup-stamp .pytest_cache .ruff_cache *.egg-info
