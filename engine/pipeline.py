@@ -35,9 +35,11 @@ import torch
 from torch import Tensor
 
 from engine.config import PRESETS, PresetConfig, get_preset
+from engine.model.cache import DiTCache
 from engine.model.hybrid_dit import SanaStreamingDiT
 from engine.sampler import StreamingSchedule, cfg_combine, make_bidirectional_scheduler
 from engine.session import SessionSettings, SessionState
+from engine.step import ChunkJob, ChunkRunner
 from engine.text import TextEncoder
 from engine.vae import VideoVAE
 from engine.video_io import frames_to_tensor, frames_to_uint8
@@ -72,6 +74,21 @@ def frame_noise(seed: int, start: int, count: int, shape: tuple[int, int, int]) 
         key = int.from_bytes(hashlib.sha256(f"{seed}:{f}".encode()).digest()[:8], "little") & (2**63 - 1)
         draws.append(torch.randn(shape, generator=torch.Generator().manual_seed(key)))
     return torch.stack(draws, dim=1)[None]
+
+
+PARTS = ("encoder", "generator", "decoder")
+"""Per-stage parts of a session (`StreamingEditor.open_part`)."""
+
+
+def prompt_conditioning(text: TextEncoder, settings: SessionSettings) -> dict[str, Tensor]:
+    """What a session's DiT reads for its prompt: {"embeds", "mask"} (+ "neg_embeds", "neg_mask" with CFG),
+    exactly as `StreamingEditor.open` / `set_prompt` compute them. Raises `PromptTooLongError`."""
+    embeds, mask = text.encode([settings.prompt])
+    out = {"embeds": embeds, "mask": mask}
+    if settings.cfg_scale > 1.0:
+        neg, neg_mask = text.encode_plain([settings.negative_prompt], truncate=True)
+        out.update(neg_embeds=neg, neg_mask=neg_mask)
+    return out
 
 
 @dataclass
@@ -119,6 +136,7 @@ class StreamingEditor:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.config_hash = engine.preset.config_hash()
+        self.runner = ChunkRunner(engine.dit)
 
     # --- sessions -----------------------------------------------------------------------------------------
 
@@ -154,6 +172,40 @@ class StreamingEditor:
 
     def restore(self, blob: bytes) -> SessionState:
         return SessionState.restore(blob, self.config_hash, self.engine.device)
+
+    # --- one stage's part of a session (the stages in separate processes) --------------------------------
+
+    def open_part(self, settings: SessionSettings, part: str, text: dict[str, Tensor] | None = None) -> SessionState:
+        """A fresh session holding only one stage's state, for running the stages in separate processes.
+
+        part "encoder": VAE encoder cache (+ pending frames) for `encode`; "generator": DiT cache + prompt
+        embeddings for `generate` (`text` as from `prompt_conditioning`, else encoded here); "decoder": VAE
+        decoder context for `decode`. The other parts stay empty, so only the models of that stage are touched
+        (the engine may hold only those). Cursor fields of the other stages stay 0: before a final `decode` set
+        `state.cursor.frames_in` to the pixel frames the encoder received (the output is trimmed to it)."""
+        if part not in PARTS:
+            raise ValueError(f"unknown session part {part!r}; expected one of {', '.join(PARTS)}")
+        e = self.engine
+        if part == "encoder":
+            sc = e.vae.cfg.spatial_compression
+            if settings.height % sc or settings.width % sc:
+                raise ValueError(f"height and width must be multiples of {sc}, got {settings.height}x{settings.width}")
+        state = SessionState(
+            config_hash=self.config_hash,
+            settings=settings,
+            dit=DiTCache(e.preset.dit.softmax_layer_ids, settings.num_cached_blocks, settings.sink_token),
+            vae_encoder=e.vae.encoder_init_state() if part == "encoder" else {},
+            vae_decoder=e.vae.decoder_init_state() if part == "decoder" else {},
+        )
+        if part == "generator":
+            state.text = dict(text) if text is not None else prompt_conditioning(e.text, settings)
+        return state
+
+    def set_prompt_text(self, state: SessionState, prompt: str, text: dict[str, Tensor]) -> None:
+        """`set_prompt` with the embeddings already computed (`prompt_conditioning`, e.g. in another process)."""
+        state.text = dict(text)
+        state.settings.prompt = prompt
+        state.cursor.prompt_version += 1
 
     # --- stage 1: encode ------------------------------------------------------------------------------------
 
@@ -213,60 +265,84 @@ class StreamingEditor:
         """Source latents (1, C, t, h, w) -> edited latents of every chunk completed by them, or None.
 
         final=True: the stream ends here; a short last chunk runs and no cache refresh follows it."""
-        buf = state.buffers.pop("source", None)
-        if source is not None:
-            buf = source if buf is None else torch.cat([buf, source.to(buf)], dim=2)
-        outs = []
-        while buf is not None and buf.shape[2] > 0:
-            size = self.next_chunk_frames(state)
-            if size <= 0:
-                raise ValueError("more source latents than the declared total_frames allow")
-            if buf.shape[2] < size and not final:
-                break
-            size = min(size, buf.shape[2])
-            total = self.total_latents(state)
-            is_last = (final and buf.shape[2] == size) or (
-                total is not None and state.cursor.latents_generated + size == total
-            )
-            outs.append(self._run_chunk(state, buf[:, :, :size], is_last))
-            buf = buf[:, :, size:]
-            if on_chunk:
-                on_chunk(state.dit.chunk_index, size)
-        if buf is not None and buf.shape[2] > 0:
-            state.buffers["source"] = buf.contiguous().clone()
-        return torch.cat(outs, dim=2) if outs else None
+        return self.generate_batch([(state, source, final)], on_chunk)[0]
 
-    @torch.no_grad()
-    def _run_chunk(self, state: SessionState, source: Tensor, is_last: bool) -> Tensor:
-        e = self.engine
-        s = state.settings
-        T, start = source.shape[2], state.cursor.latents_generated
-        x = frame_noise(s.seed, start, T, tuple(source.shape[i] for i in (1, 3, 4))).to(e.device)
-        sched = StreamingSchedule(s.steps, s.flow_shift)
-        cfg = s.cfg_scale > 1.0
-        src = source.to(e.device, e.dtype)
+    def generate_batch(
+        self,
+        requests: list[tuple[SessionState, Tensor | None, bool]],
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> list[Tensor | None]:
+        """`generate` for several sessions at once: in each round every session with a full chunk contributes
+        it, and compatible chunks share their forwards (`engine.step.ChunkRunner`).
+
+        requests: (state, new source latents or None, final) per session (each session at most once)."""
+        if len({id(r[0]) for r in requests}) != len(requests):
+            raise ValueError("a session appears twice in one generate_batch call")
+        for state, source, _ in requests:
+            if source is not None:
+                buf = state.buffers.pop("source", None)
+                state.buffers["source"] = source if buf is None else torch.cat([buf, source.to(buf)], dim=2)
+        outs: list[list[Tensor]] = [[] for _ in requests]
+        while True:
+            jobs, owners = [], []
+            for i, (state, _, final) in enumerate(requests):
+                job = self._next_job(state, final)
+                if job is not None:
+                    jobs.append(job)
+                    owners.append(i)
+            if not jobs:
+                break
+            for i, latents in zip(owners, self.runner.run(jobs)):
+                state = requests[i][0]
+                T = latents.shape[2]
+                state.cursor.latents_generated += T
+                outs[i].append(latents)
+                if on_chunk:
+                    on_chunk(state.dit.chunk_index, T)
+        for state, _, _ in requests:
+            buf = state.buffers.get("source")
+            if buf is not None:
+                state.buffers["source"] = buf.contiguous().clone()
+        return [torch.cat(o, dim=2) if o else None for o in outs]
+
+    def _next_job(self, state: SessionState, final: bool) -> ChunkJob | None:
+        """Take the session's next chunk off its source buffer, if it is complete (or the stream ends)."""
+        buf = state.buffers.get("source")
+        if buf is None or buf.shape[2] == 0:
+            return None
+        size = self.next_chunk_frames(state)
+        if size <= 0:
+            raise ValueError("more source latents than the declared total_frames allow")
+        if buf.shape[2] < size and not final:
+            return None
+        size = min(size, buf.shape[2])
+        total = self.total_latents(state)
+        is_last = (final and buf.shape[2] == size) or (
+            total is not None and state.cursor.latents_generated + size == total
+        )
+        rest = buf[:, :, size:]
+        if rest.shape[2]:
+            state.buffers["source"] = rest
+        else:
+            del state.buffers["source"]
+        e, s = self.engine, state.settings
+        source = buf[:, :, :size].to(e.device, e.dtype)
+        shape = (source.shape[1], source.shape[3], source.shape[4])
         text, mask = state.text["embeds"], state.text["mask"]
-        if cfg:
+        if s.cfg_scale > 1.0:
             text = torch.cat([state.text["neg_embeds"], text])
             mask = torch.cat([state.text["neg_mask"], mask])
-            src = torch.cat([src, src])
-        batch = src.shape[0]
-
-        def forward(latent: Tensor, t: Tensor, save: bool) -> Tensor:
-            inp = latent.to(e.dtype).expand(batch, -1, -1, -1, -1)
-            v = e.dit(inp, src, t, text, mask, cache=state.dit, save_cache=save)
-            return cfg_combine(v[:1], v[1:], s.cfg_scale) if cfg else v
-
-        for i in range(len(sched)):
-            save = s.efficient_cache and i == len(sched) - 1 and not is_last
-            v = forward(x, sched.timestep(i, batch, e.device), save)
-            x = sched.step(v, i, x)
-        if not s.efficient_cache and not is_last:
-            forward(x, torch.zeros(batch, device=e.device), True)
-        elif is_last:  # the cache is not written for the last chunk; keep the cursor consistent
-            state.dit.chunk_frames.append(T)
-        state.cursor.latents_generated += T
-        return x
+        return ChunkJob(
+            cache=state.dit,
+            source=source,
+            noise=frame_noise(s.seed, state.cursor.latents_generated, size, shape),
+            text=text,
+            mask=mask,
+            schedule=StreamingSchedule(s.steps, s.flow_shift),
+            cfg_scale=s.cfg_scale,
+            efficient_cache=s.efficient_cache,
+            is_last=is_last,
+        )
 
     # --- stage 3: decode ------------------------------------------------------------------------------------
 

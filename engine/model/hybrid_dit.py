@@ -191,36 +191,59 @@ class SanaStreamingDiT(nn.Module):
 
         Returns: velocity (B, in_channels, T, H, W) in the model dtype.
         """
+        _, _, T, H, W = x.shape
+        if start_frame is None:
+            start_frame = cache.next_frame if cache is not None else 0
+        rope = self.rope.table(start_frame, T, H, W, x.device)
+        reads = [cache.read(b.index) for b in self.blocks] if cache is not None else None
+        v, writes, mids = self.forward_step(x, source, timestep, text, text_mask, rope, reads, return_intermediates)
+        if cache is not None and save_cache:
+            cache.write(writes, T)
+        return (v, mids) if return_intermediates else v
+
+    def forward_step(
+        self,
+        x: Tensor,
+        source: Tensor,
+        timestep: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        rope: Tensor,
+        reads: list[LayerRead] | None = None,
+        return_intermediates: bool = False,
+    ) -> tuple[Tensor, list[LayerWrite], dict[str, Tensor]]:
+        """The pure part of `forward`: no cache bookkeeping and no host-side decisions, so it can be captured in a
+        CUDA graph and batched across sessions.
+
+        Args: as `forward`, plus
+            rope: complex128 (N, D/2) for all samples, or (B, N, D/2) per sample (sessions at different frames).
+            reads: per block, what it reads from its session's history (batched along B); None = no history.
+
+        Returns: (velocity, per-block writes for the cache, intermediates (empty unless asked)).
+        """
         B, _, T, H, W = x.shape
         if source.shape[2:] != x.shape[2:]:
             raise ValueError(f"source latent {tuple(source.shape)} does not match noisy latent {tuple(x.shape)}")
         hw = (T, H, W)
-        dtype = self.dtype
-        if start_frame is None:
-            start_frame = cache.next_frame if cache is not None else 0
-        tokens = self.x_embedder(torch.cat([x, source], dim=1).to(dtype))
+        tokens = self.x_embedder(torch.cat([x, source], dim=1).to(self.dtype))
         t_emb = self.t_embedder(timestep.to(x.device))
         t0 = self.t_block(t_emb)
         y = self.embed_text(text)
         mask = text_mask.to(x.device)
-        rope = self.rope.table(start_frame, T, H, W, x.device)
         mids: dict[str, Tensor] = {}
         if return_intermediates:
             mids.update(tokens=tokens, t_emb=t_emb, t0=t0, y=y)
         writes: list[LayerWrite] = []
         h = tokens
         for block in self.blocks:
-            read = cache.read(block.index) if cache is not None else LayerRead()
+            read = reads[block.index] if reads is not None else LayerRead()
             h, write, attn_out = block(h, y, mask, t0, hw, rope, read)
             writes.append(write)
             if return_intermediates:
                 mids[f"block{block.index}.self_attn_out"] = attn_out
                 mids[f"block{block.index}.out"] = h
-        if cache is not None and save_cache:
-            cache.write(writes, T)
         out = self.final_layer(h, t_emb)  # (B, N, Cout)
-        v = out.transpose(1, 2).reshape(B, -1, T, H, W)
-        return (v, mids) if return_intermediates else v
+        return out.transpose(1, 2).reshape(B, -1, T, H, W), writes, mids
 
     def new_cache(self, num_cached_blocks: int = 2, sink_token: bool = True) -> DiTCache:
         return DiTCache(self.cfg.softmax_layer_ids, num_cached_blocks, sink_token)

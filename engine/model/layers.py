@@ -144,9 +144,9 @@ class RoPE3D:
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate x (..., N, heads, D) by table (N, D/2) in complex128; result in x's dtype."""
+    """Rotate x (B, N, heads, D) by table (N, D/2) or per sample (B, N, D/2), in complex128; result in x's dtype."""
     xc = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (-1, 2)).contiguous())
-    out = torch.view_as_real(xc * table[:, None, :]).flatten(-2)
+    out = torch.view_as_real(xc * table.unsqueeze(-2)).flatten(-2)
     return out.to(x.dtype)
 
 
