@@ -3,7 +3,7 @@
 Speed does not depend on weight values, so the models are randomly initialised on the device. The text encoder is
 replaced by random embeddings of the right shape: it runs once per prompt, not per chunk, and is not timed here.
 
-Reported (JSON fields are stable; later benchmarks add fields, never rename):
+Reported (JSON fields are stable; later benchmarks add fields, never rename). Base figures:
     dit_ms_per_forward      one steady-state forward: 3 latent frames, 11-frame softmax window
     dit_ms_per_chunk        the default schedule: `steps` denoising forwards + the t=0 cache refresh
     dit_fps                 24 pixel frames / dit_ms_per_chunk
@@ -12,13 +12,22 @@ Reported (JSON fields are stable; later benchmarks add fields, never rename):
     peak_memory_gb          peak device memory of the process
     session_state_bytes     bytes one session holds at steady state, by part; snapshot_bytes, snapshot_ms
 
-Non-goals: optimised paths (they come with the kernels), multi-session throughput (loadtest/).
+Fast-path figures (skipped with --quick):
+    forward_breakdown_ms    device time of one forward by category (gemm, attention, gdn, norms_elementwise, other)
+    gdn_layer_us, gdn_mixer_device_us, gdn_floor_us, gdn_backend   one GDN mixer at the real shape vs its floor
+    dit_fps_eager, dit_fps_graphs, graphs_vs_eager_rel_err         the chunk step without / with CUDA graphs
+    fast_vs_reference_rel_err   the dispatched GDN path vs the plain-PyTorch reference (same chunk)
+    batched                 {B: ms per round, total and per-session FPS} for B steady-state sessions per forward
+
+Non-goals: multi-session serving throughput through the cluster (loadtest/).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -61,6 +70,83 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
         fn()
     _sync(device)
     return (time.perf_counter() - t0) / repeats
+
+
+GDN_FLOOR_US = 17.0
+"""Memory-bound floor of one GDN mixer at 3 frames x 880 tokens x 20 heads x 112 (DESIGN.md)."""
+
+_GEMM = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "implicit_gemm", "conv", "wgrad", "dgrad")
+_ATTN = ("flash", "fmha", "attention", "attn")
+_NORM = ("norm", "elementwise", "vectorized", "reduce", "silu", "gelu", "softmax", "cat", "copy", "mul", "add", "rope")
+
+
+def _category(kernel: str) -> str:
+    k = kernel.lower()
+    for name, keys in (("attention", _ATTN), ("gemm", _GEMM), ("norms_elementwise", _NORM)):
+        if any(key in k for key in keys):
+            return name
+    return "other"
+
+
+@contextlib.contextmanager
+def _gdn_ranges():
+    """Label the GDN mixer's work (prologue, scans, merge) as 'sana::gdn' for the profiler, without touching the
+    library: the two entry points the GDN layer calls are wrapped for the duration."""
+    import engine.model.gdn as gdn_mod
+    from kernels.gdn import triton_ops
+
+    def labelled(fn):
+        def wrapper(*a, **kw):
+            with torch.profiler.record_function("sana::gdn"):
+                return fn(*a, **kw)
+
+        return wrapper
+
+    patched = [(gdn_mod, "bidirectional_gdn")]
+    ops = triton_ops()
+    if ops is not None and hasattr(ops, "fused_gdn_layer"):
+        patched.append((ops, "fused_gdn_layer"))
+    saved = [(mod, name, getattr(mod, name)) for mod, name in patched]
+    try:
+        for mod, name, fn in saved:
+            setattr(mod, name, labelled(fn))
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def forward_breakdown(fn, device: torch.device) -> dict[str, float]:
+    """Device milliseconds of one call of fn by category: gemm, attention, gdn, norms_elementwise, other."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _gdn_ranges():
+        fn()
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            _sync(device)
+    events = prof.events()
+    in_gdn: set[int] = set()
+
+    def collect(e) -> None:
+        in_gdn.update(id(k) for k in e.kernels)
+        for c in e.cpu_children:
+            collect(c)
+
+    for e in events:
+        if e.name == "sana::gdn":
+            collect(e)
+    totals = dict.fromkeys(("gemm", "attention", "gdn", "norms_elementwise", "other"), 0.0)
+    for e in events:
+        for k in e.kernels:
+            totals["gdn" if id(k) in in_gdn else _category(k.name)] += k.duration / 1e3
+    totals["total"] = sum(totals.values())
+    return totals
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 def run_bench(args) -> int:
@@ -111,6 +197,8 @@ def run_bench(args) -> int:
         dit_fps=CHUNK_FRAMES * tc / chunk,
         dit_window_frames=first + 2 * CHUNK_FRAMES,
     )
+    if not args.quick:
+        results.update(_dit_fast_paths(editor, state, x, args.chunks, device, tc))
     # VAE: the streaming encoder (8 frames per latent) and the chunk-wise decoder (3 latents per call).
     with torch.no_grad():
         enc_state = vae.encoder_init_state()
@@ -165,3 +253,89 @@ def run_bench(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text_out + "\n")
     return 0
+
+
+def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int, device, tc: int) -> dict:
+    """Performance-I figures: breakdown, GDN layer vs floor, graphs on/off, batched throughput, fast-path error."""
+    from engine.step import ChunkRunner
+
+    dit = editor.engine.dit
+    out: dict = {}
+    emb, mask = state.text["embeds"], state.text["mask"]
+    t = torch.full((1,), 500, device=device)
+    with torch.no_grad():
+        out["forward_breakdown_ms"] = forward_breakdown(lambda: dit(x, x, t, emb, mask, cache=state.dit), device)
+
+        # One GDN mixer (prologue + both scans + merge) at the real shape, on the path the engine dispatches to.
+        gdn_block = next(b for b in dit.blocks if not b.is_softmax)
+        h = torch.randn(1, x.shape[2] * x.shape[3] * x.shape[4], dit.cfg.hidden_size, device=device, dtype=dit.dtype)
+        hw = tuple(x.shape[2:])
+        rope = dit.rope.table(8, *hw, device)
+        st = (
+            torch.zeros(1, gdn_block.attn.heads, dit.cfg.head_dim, dit.cfg.head_dim, device=device),
+            torch.zeros(1, gdn_block.attn.heads, dit.cfg.head_dim, 1, device=device),
+        )
+        layer_s = _timed(lambda: gdn_block.attn(h, hw, rope, st), device, 20)
+        mix = forward_breakdown(lambda: gdn_block.attn(h, hw, rope, st), device)["gdn"]
+        from engine.model.gdn import gdn_backend
+
+        out.update(
+            gdn_backend=gdn_backend(device),
+            gdn_layer_us=layer_s * 1e6,
+            gdn_mixer_device_us=mix * 1e3,
+            gdn_floor_us=GDN_FLOOR_US,
+        )
+
+        # Chunks through the runner with and without CUDA graphs, from the same snapshot; and their difference.
+        blob = state.snapshot()
+        results_by_mode = {}
+        for graphs in (False, True) if device.type == "cuda" else (False,):
+            runner = ChunkRunner(dit, cuda_graphs=graphs)
+            editor.runner = runner
+            st = editor.restore(blob)
+            src = torch.randn(1, x.shape[1], 3 * (chunks + 2), *x.shape[3:], device=device, dtype=dit.dtype,
+                              generator=torch.Generator(device).manual_seed(1))  # fmt: skip
+            editor.generate(st, src[:, :, :6])  # warm-up (and graph capture)
+            _sync(device)
+            t0 = time.perf_counter()
+            lat = editor.generate(st, src[:, :, 6:])
+            _sync(device)
+            results_by_mode[graphs] = ((time.perf_counter() - t0) / chunks, lat)
+        out["dit_fps_eager"] = 3 * tc / results_by_mode[False][0]
+        if True in results_by_mode:
+            out["dit_fps_graphs"] = 3 * tc / results_by_mode[True][0]
+            out["graphs_vs_eager_rel_err"] = _rel_err(results_by_mode[True][1], results_by_mode[False][1])
+
+        # The dispatched GDN path against the plain-PyTorch reference, same chunk, eager.
+        if out["gdn_backend"] != "naive":
+            prev = os.environ.get("SANA_STREAM_GDN")
+            os.environ["SANA_STREAM_GDN"] = "naive"
+            try:
+                editor.runner = ChunkRunner(dit, cuda_graphs=False)
+                st = editor.restore(blob)
+                ref = editor.generate(st, src[:, :, :6])
+            finally:
+                os.environ.pop("SANA_STREAM_GDN") if prev is None else os.environ.__setitem__("SANA_STREAM_GDN", prev)
+            editor.runner = ChunkRunner(dit, cuda_graphs=False)
+            fast = editor.generate(editor.restore(blob), src[:, :, :6])
+            out["fast_vs_reference_rel_err"] = _rel_err(fast, ref)
+
+        # Cross-session batching: B steady-state sessions per forward (graphs on).
+        runner = ChunkRunner(dit)  # graphs on CUDA
+        editor.runner = runner
+        batched = {}
+        for B in (1, 2, 4):
+            states = [editor.restore(blob) for _ in range(B)]
+            srcs = [torch.randn(1, x.shape[1], 3 * (chunks + 1), *x.shape[3:], device=device, dtype=dit.dtype)
+                    for _ in range(B)]  # fmt: skip
+            editor.generate_batch([(s, c[:, :, :3], False) for s, c in zip(states, srcs)])  # capture
+            _sync(device)
+            t0 = time.perf_counter()
+            editor.generate_batch([(s, c[:, :, 3:], False) for s, c in zip(states, srcs)])
+            _sync(device)
+            dt = (time.perf_counter() - t0) / chunks
+            batched[str(B)] = {"ms_per_round": dt * 1e3, "fps_total": B * 3 * tc / dt, "fps_per_session": 3 * tc / dt}
+            del states
+        out["batched"] = batched
+        out["cuda_graphs_captured"] = runner.num_graphs
+    return out

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
     p.add_argument("--chunks", type=int, default=6, help="streaming chunks to time (after warm-up)")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")
+    p.add_argument("--quick", action="store_true", help="skip the fast-path figures (graphs, batching, breakdown)")
     return parser
 
 

@@ -90,3 +90,18 @@ def test_model_info_summary():
 def test_unknown_preset_is_an_error():
     r = cli("model-info", "--preset", "nope")
     assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr
+
+
+def test_bench_quick_on_cpu_writes_stable_fields(tmp_path):
+    out = tmp_path / "bench.json"
+    r = cli("bench", "--preset", "tiny", "--chunks", "1", "--quick", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    for field in ("dit_ms_per_forward", "dit_fps", "vae_encode_fps", "vae_decode_fps", "e2e_fps", "snapshot_bytes"):
+        assert data[field] > 0, field
+    assert data["session_state_bytes"]["total"] == sum(
+        v for k, v in data["session_state_bytes"].items() if k != "total"
+    )
+    assert data["e2e_frames_emitted"] > 0
