@@ -177,21 +177,31 @@ class GLUMBConvTemp(nn.Module):
         self.t_conv = nn.Conv2d(hidden, hidden, (t_kernel, 1), bias=False)
 
     def spatial(self, x: Tensor, hw: tuple[int, int, int]) -> Tensor:
-        """x (B, N, C) -> (B, C, T, S): the per-frame GLU MBConv."""
+        """x (B, N, C) -> (B, T, S, C): the per-frame GLU MBConv, in token layout.
+
+        The 1x1 convs are GEMMs on the tokens and the depthwise conv runs on a channels-last view, so no
+        activation is transposed (the same function as the release's NCHW convs)."""
         B, N, C = x.shape
         T, H, W = hw
-        y = x.reshape(B * T, H, W, C).permute(0, 3, 1, 2)
-        y = F.silu(self.inverted_conv.conv(y))
-        y = self.depth_conv.conv(y)
-        a, g = y.chunk(2, dim=1)
-        y = self.point_conv.conv(a * F.silu(g))  # (B*T, C, H, W)
-        return y.reshape(B, T, C, H * W).transpose(1, 2)
+        inv = self.inverted_conv.conv
+        y = F.silu(F.linear(x, inv.weight.flatten(1), inv.bias))  # (B, N, 2F)
+        y = y.reshape(B * T, H, W, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        y = self.depth_conv.conv(y).permute(0, 2, 3, 1)  # (B*T, H, W, 2F)
+        a, g = y.chunk(2, dim=-1)
+        y = F.linear(a * F.silu(g), self.point_conv.conv.weight.flatten(1))  # (B*T, H, W, C)
+        return y.reshape(B, T, H * W, C)
 
     def forward(self, x: Tensor, hw: tuple[int, int, int], ctx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, N, C); ctx (B, C, 1, S) or None. Returns (out (B, N, C), last spatial frame (B, C, 1, S))."""
+        """x (B, N, C); ctx (B, C, 1, S) or None. Returns (out (B, N, C), last spatial frame (B, C, 1, S)).
+
+        The temporal conv is one GEMM: each frame's output mixes [previous, current, next] frames with the three
+        kernel taps side by side."""
         B, N, C = x.shape
-        y = self.spatial(x, hw)  # (B, C, T, S)
-        left = torch.zeros_like(y[:, :, :1]) if ctx is None else ctx.to(y.dtype)
-        padded = torch.cat([left, y, torch.zeros_like(y[:, :, :1])], dim=2)
-        out = y + self.t_conv(padded)
-        return out.permute(0, 2, 3, 1).reshape(B, N, C), y[:, :, -1:]
+        y = self.spatial(x, hw)  # (B, T, S, C)
+        left = torch.zeros_like(y[:, :1]) if ctx is None else ctx.to(y.dtype).permute(0, 2, 3, 1)
+        padded = torch.cat([left, y, torch.zeros_like(y[:, :1])], dim=1)  # (B, T+2, S, C)
+        T = y.shape[1]
+        taps = torch.cat([padded[:, k : k + T] for k in range(3)], dim=-1)  # (B, T, S, 3C)
+        w = self.t_conv.weight[:, :, :, 0].permute(0, 2, 1).reshape(C, 3 * C)  # [W_prev | W_cur | W_next]
+        out = y + F.linear(taps, w)
+        return out.reshape(B, N, C), y[:, -1:].permute(0, 3, 1, 2)
