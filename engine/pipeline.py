@@ -86,6 +86,7 @@ def prompt_conditioning(text: TextEncoder, settings: SessionSettings) -> dict[st
     embeds, mask = text.encode([settings.prompt])
     out = {"embeds": embeds, "mask": mask}
     if settings.cfg_scale > 1.0:
+        # The release truncates negative prompts silently (plain encode, max_length L); so do we.
         neg, neg_mask = text.encode_plain([settings.negative_prompt], truncate=True)
         out.update(neg_embeds=neg, neg_mask=neg_mask)
     return out
@@ -153,22 +154,13 @@ class StreamingEditor:
             vae_encoder=e.vae.encoder_init_state(),
             vae_decoder=e.vae.decoder_init_state(),
         )
-        self._set_text(state, settings.prompt)
+        state.text = prompt_conditioning(self.engine.text, settings)
         return state
 
     def set_prompt(self, state: SessionState, prompt: str) -> None:
         """Change the instruction; it takes effect from the next chunk the DiT starts."""
-        self._set_text(state, prompt)
-        state.settings.prompt = prompt
-        state.cursor.prompt_version += 1
-
-    def _set_text(self, state: SessionState, prompt: str) -> None:
-        embeds, mask = self.engine.text.encode([prompt])
-        state.text = {"embeds": embeds, "mask": mask}
-        if state.settings.cfg_scale > 1.0:
-            # The release truncates negative prompts silently (plain encode, max_length L); so do we.
-            neg, neg_mask = self.engine.text.encode_plain([state.settings.negative_prompt], truncate=True)
-            state.text.update(neg_embeds=neg, neg_mask=neg_mask)
+        text = prompt_conditioning(self.engine.text, dataclasses.replace(state.settings, prompt=prompt))
+        self.set_prompt_text(state, prompt, text)
 
     def restore(self, blob: bytes) -> SessionState:
         return SessionState.restore(blob, self.config_hash, self.engine.device)
