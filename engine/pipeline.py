@@ -142,20 +142,8 @@ class StreamingEditor:
     # --- sessions -----------------------------------------------------------------------------------------
 
     def open(self, settings: SessionSettings) -> SessionState:
-        """A fresh session: prompt encoded, empty caches."""
-        e = self.engine
-        sc = e.vae.cfg.spatial_compression
-        if settings.height % sc or settings.width % sc:
-            raise ValueError(f"height and width must be multiples of {sc}, got {settings.height}x{settings.width}")
-        state = SessionState(
-            config_hash=self.config_hash,
-            settings=settings,
-            dit=e.dit.new_cache(settings.num_cached_blocks, settings.sink_token),
-            vae_encoder=e.vae.encoder_init_state(),
-            vae_decoder=e.vae.decoder_init_state(),
-        )
-        state.text = prompt_conditioning(self.engine.text, settings)
-        return state
+        """A fresh session with every stage's state: prompt encoded, empty caches."""
+        return self._new_state(settings, PARTS)
 
     def set_prompt(self, state: SessionState, prompt: str) -> None:
         """Change the instruction; it takes effect from the next chunk the DiT starts."""
@@ -177,8 +165,13 @@ class StreamingEditor:
         `state.cursor.frames_in` to the pixel frames the encoder received (the output is trimmed to it)."""
         if part not in PARTS:
             raise ValueError(f"unknown session part {part!r}; expected one of {', '.join(PARTS)}")
+        return self._new_state(settings, (part,), text)
+
+    def _new_state(
+        self, settings: SessionSettings, parts: tuple[str, ...], text: dict[str, Tensor] | None = None
+    ) -> SessionState:
         e = self.engine
-        if part == "encoder":
+        if "encoder" in parts:
             sc = e.vae.cfg.spatial_compression
             if settings.height % sc or settings.width % sc:
                 raise ValueError(f"height and width must be multiples of {sc}, got {settings.height}x{settings.width}")
@@ -186,10 +179,10 @@ class StreamingEditor:
             config_hash=self.config_hash,
             settings=settings,
             dit=DiTCache(e.preset.dit.softmax_layer_ids, settings.num_cached_blocks, settings.sink_token),
-            vae_encoder=e.vae.encoder_init_state() if part == "encoder" else {},
-            vae_decoder=e.vae.decoder_init_state() if part == "decoder" else {},
+            vae_encoder=e.vae.encoder_init_state() if "encoder" in parts else {},
+            vae_decoder=e.vae.decoder_init_state() if "decoder" in parts else {},
         )
-        if part == "generator":
+        if "generator" in parts:
             state.text = dict(text) if text is not None else prompt_conditioning(e.text, settings)
         return state
 
