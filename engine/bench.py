@@ -264,27 +264,19 @@ def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int
     emb, mask = state.text["embeds"], state.text["mask"]
     t = torch.full((1,), 500, device=device)
     with torch.no_grad():
-        out["forward_breakdown_ms"] = forward_breakdown(lambda: dit(x, x, t, emb, mask, cache=state.dit), device)
-
         # One GDN mixer (prologue + both scans + merge) at the real shape, on the path the engine dispatches to.
         gdn_block = next(b for b in dit.blocks if not b.is_softmax)
         h = torch.randn(1, x.shape[2] * x.shape[3] * x.shape[4], dit.cfg.hidden_size, device=device, dtype=dit.dtype)
         hw = tuple(x.shape[2:])
         rope = dit.rope.table(8, *hw, device)
-        st = (
+        gdn_state = (
             torch.zeros(1, gdn_block.attn.heads, dit.cfg.head_dim, dit.cfg.head_dim, device=device),
             torch.zeros(1, gdn_block.attn.heads, dit.cfg.head_dim, 1, device=device),
         )
-        layer_s = _timed(lambda: gdn_block.attn(h, hw, rope, st), device, 20)
-        mix = forward_breakdown(lambda: gdn_block.attn(h, hw, rope, st), device)["gdn"]
+        layer_s = _timed(lambda: gdn_block.attn(h, hw, rope, gdn_state), device, 20)
         from engine.model.gdn import gdn_backend
 
-        out.update(
-            gdn_backend=gdn_backend(device),
-            gdn_layer_us=layer_s * 1e6,
-            gdn_mixer_device_us=mix * 1e3,
-            gdn_floor_us=GDN_FLOOR_US,
-        )
+        out.update(gdn_backend=gdn_backend(device), gdn_layer_us=layer_s * 1e6, gdn_floor_us=GDN_FLOOR_US)
 
         # Chunks through the runner with and without CUDA graphs, from the same snapshot; and their difference.
         blob = state.snapshot()
@@ -338,4 +330,27 @@ def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int
             del states
         out["batched"] = batched
         out["cuda_graphs_captured"] = runner.num_graphs
+
+        # torch.compile of the blocks (fuses the norms / modulation / gating elementwise work) under CUDA graphs.
+        if device.type == "cuda" and os.environ.get("SANA_STREAM_BENCH_COMPILE", "1") == "1":
+            try:
+                t0 = time.perf_counter()
+                dit.compile_blocks()
+                editor.runner = ChunkRunner(dit)
+                st = editor.restore(blob)
+                editor.generate(st, src[:, :, :6])  # compile + capture
+                out["compile_s"] = time.perf_counter() - t0
+                _sync(device)
+                t0 = time.perf_counter()
+                lat = editor.generate(st, src[:, :, 6:])
+                _sync(device)
+                out["dit_fps_graphs_compiled"] = 3 * tc * chunks / (time.perf_counter() - t0)
+                out["compiled_vs_eager_rel_err"] = _rel_err(lat, results_by_mode[False][1])
+            except Exception as e:  # report, don't lose the other figures
+                out["compile_error"] = f"{type(e).__name__}: {e}"[:500]
+
+        # Last: the profiler (CUPTI stays attached afterwards and slows eager launches).
+        out["forward_breakdown_ms"] = forward_breakdown(lambda: dit(x, x, t, emb, mask, cache=state.dit), device)
+        mixer = forward_breakdown(lambda: gdn_block.attn(h, hw, rope, gdn_state), device)
+        out["gdn_mixer_device_us"] = mixer["gdn"] * 1e3
     return out

@@ -10,6 +10,7 @@ Token layout everywhere: (B, N, C) with N = T * H * W, t-major then h then w.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -143,11 +144,27 @@ class RoPE3D:
         return torch.cat([ft, fh, fw], dim=-1).reshape(T * H * W, -1)
 
 
+def rope_mode(device: torch.device) -> str:
+    """'exact' (complex128, the release's PyTorch path) or 'fast' (fp32 cos/sin, what the release's fused GDN kernels
+    use), from env SANA_STREAM_ROPE; default exact on CPU, fast on accelerators. The two differ by fp32 rounding of
+    the rotation, far below the bf16 rounding of the result."""
+    mode = os.environ.get("SANA_STREAM_ROPE", "auto")
+    if mode not in ("auto", "exact", "fast"):
+        raise ValueError(f"SANA_STREAM_ROPE must be auto, exact or fast, got {mode!r}")
+    return ("exact" if device.type == "cpu" else "fast") if mode == "auto" else mode
+
+
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate x (B, N, heads, D) by table (N, D/2) or per sample (B, N, D/2), in complex128; result in x's dtype."""
-    xc = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (-1, 2)).contiguous())
-    out = torch.view_as_real(xc * table.unsqueeze(-2)).flatten(-2)
-    return out.to(x.dtype)
+    """Rotate x (B, N, heads, D) by table (N, D/2) or per sample (B, N, D/2) (complex128); result in x's dtype."""
+    if rope_mode(x.device) == "exact":
+        xc = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (-1, 2)).contiguous())
+        out = torch.view_as_real(xc * table.unsqueeze(-2)).flatten(-2)
+        return out.to(x.dtype)
+    t = table.unsqueeze(-2)
+    cos, sin = t.real.float(), t.imag.float()
+    xr = x.float().unflatten(-1, (-1, 2))
+    a, b = xr[..., 0], xr[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class _Conv(nn.Module):

@@ -176,3 +176,18 @@ def test_cached_softmax_equals_explicit_window_attention(n, sink):
     kept = set(cache.kv[layer])
     needed = set(softmax_window(len(sizes), n, sink))
     assert needed <= kept and len(kept) <= len(needed) + 1
+
+
+def test_fast_rope_matches_exact_rope(monkeypatch):
+    """The fp32 cos/sin rotation (accelerators) equals the release's complex128 rotation up to fp32 rounding."""
+    from engine.model.layers import RoPE3D, apply_rope
+
+    table = RoPE3D(32).table(7, 3, 4, 6, torch.device("cpu"))
+    x = torch.randn(2, 72, 3, 32, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("SANA_STREAM_ROPE", "exact")
+    exact = apply_rope(x, table)
+    monkeypatch.setenv("SANA_STREAM_ROPE", "fast")
+    fast = apply_rope(x, table)
+    torch.testing.assert_close(fast, exact, atol=2e-6, rtol=1e-6)
+    per_sample = apply_rope(x, torch.stack([table, table]))
+    torch.testing.assert_close(per_sample, fast, atol=0, rtol=0)
