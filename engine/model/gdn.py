@@ -6,18 +6,42 @@ and head = sigmoid(beta_proj(x)); decay per frame and head = exp(-exp(A_log) * s
 dt_bias)), computed in fp32 and rounded to the activation dtype like the release. The scan itself
 (`kernels.gdn`) runs in fp32. out = scan(...) * SiLU(output_gate(x)) -> proj.
 
+Two paths compute the mixer between the projections and `proj`: the plain-PyTorch one below (the reference,
+any device) and `kernels.gdn.triton_gdn.fused_gdn_layer` (norm, ReLU, key scale, RoPE, scan and gated merge
+in Triton kernels; its output differs by rounding only, kernels/gdn/README.md). The env var
+`SANA_STREAM_GDN=auto|naive|triton` picks one (`gdn_backend`); auto takes triton on CUDA where it imports.
+
 Both released variants have the same parameters; the streaming one carries the forward-scan state (M, z)
 across chunks. Non-goals: the window logic of the softmax layers (attention.py), cache bookkeeping (cache.py).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.model.layers import RMSNorm, apply_rope
-from kernels.gdn import bidirectional_gdn
+from kernels.gdn import bidirectional_gdn, triton_ops
+
+GDN_BACKENDS = ("auto", "naive", "triton")
+
+
+def gdn_backend(device: torch.device) -> str:
+    """'triton' or 'naive' for a GDN layer on `device`, from env SANA_STREAM_GDN (auto | naive | triton).
+
+    auto: triton on CUDA when triton imports, else naive. triton: always (CPU needs TRITON_INTERPRET=1).
+    """
+    mode = os.environ.get("SANA_STREAM_GDN", "auto").strip().lower() or "auto"
+    if mode not in GDN_BACKENDS:
+        raise ValueError(f"SANA_STREAM_GDN must be one of {', '.join(GDN_BACKENDS)}, got {mode!r}")
+    if mode == "auto":
+        return "triton" if device.type == "cuda" and triton_ops() is not None else "naive"
+    if mode == "triton" and triton_ops() is None:
+        raise RuntimeError("SANA_STREAM_GDN=triton but triton cannot be imported here")
+    return mode
 
 
 class GDNAttention(nn.Module):
@@ -77,6 +101,8 @@ class GDNAttention(nn.Module):
         """x (B, N, C) modulated block input; rope (N, D/2) complex128 or None; state (M, z) carried in.
 
         Returns (out (B, N, C), (M, z) after this chunk's forward scan, fp32)."""
+        if gdn_backend(x.device) == "triton":
+            return self._forward_triton(x, hw, rope, state)
         B, N, C = x.shape
         T, H, W = hw
         q, k, v = self.qkv(x, hw)
@@ -93,4 +119,25 @@ class GDNAttention(nn.Module):
         )  # fmt: skip
         out = out.to(x.dtype).permute(0, 2, 3, 1, 4).reshape(B, N, C)
         out = out * F.silu(self.output_gate(x).float()).to(x.dtype)
+        return self.proj(out), (fkv, fz)
+
+    def _forward_triton(
+        self,
+        x: Tensor,
+        hw: tuple[int, int, int],
+        rope: Tensor | None,
+        state: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """`forward` through `kernels.gdn.triton_gdn.fused_gdn_layer` (same arguments and results; the fp32
+        cos / sin tables of `rope` are built once per table and shared by the layers of a forward)."""
+        ops = triton_ops()
+        q_raw = F.linear(x, self.q.weight[:, :, 0])
+        k_raw = F.linear(x, self.k.weight[:, :, 0])
+        beta, decay = self.gates(x, hw)
+        cos, sin = ops.rope_tables_cached(rope) if rope is not None else (None, None)
+        skv, sz = state if state is not None else (None, None)
+        out, fkv, fz = ops.fused_gdn_layer(
+            q_raw, k_raw, self.v(x), beta, decay, self.output_gate(x), self.q_norm.weight, self.k_norm.weight,
+            cos, sin, self.heads, hw[0], skv, sz, norm_eps=self.q_norm.eps, eps=self.eps,
+        )  # fmt: skip
         return self.proj(out), (fkv, fz)
