@@ -348,6 +348,9 @@ def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int
                 out["compiled_vs_eager_rel_err"] = _rel_err(lat, results_by_mode[False][1])
             except Exception as e:  # report, don't lose the other figures
                 out["compile_error"] = f"{type(e).__name__}: {e}"[:500]
+            finally:
+                dit.uncompile_blocks()  # the remaining figures are for the eager (graphed) model
+                editor.runner = ChunkRunner(dit)
 
         # Last: the profiler (CUPTI stays attached afterwards and slows eager launches).
         out["forward_breakdown_ms"] = forward_breakdown(lambda: dit(x, x, t, emb, mask, cache=state.dit), device)

@@ -121,6 +121,7 @@ class GDNAttention(nn.Module):
         out = out * F.silu(self.output_gate(x).float()).to(x.dtype)
         return self.proj(out), (fkv, fz)
 
+    @torch.compiler.disable  # our own kernels: torch.compile compiles around them, not through them
     def _forward_triton(
         self,
         x: Tensor,

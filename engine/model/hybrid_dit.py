@@ -158,6 +158,12 @@ class SanaStreamingDiT(nn.Module):
             block.forward = torch.compile(block.forward, dynamic=False, mode=mode)
         return self
 
+    def uncompile_blocks(self) -> SanaStreamingDiT:
+        """Undo `compile_blocks`."""
+        for block in self.blocks:
+            block.__dict__.pop("forward", None)
+        return self
+
     def init_non_persistent_buffers(self) -> None:
         """Nothing to rebuild: RoPE tables are plain attributes computed on first use (meta-loading hook)."""
 
