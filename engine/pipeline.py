@@ -64,7 +64,15 @@ def preset_for_mode(preset: str | PresetConfig, mode: str) -> PresetConfig:
     twin.update({v: k for k, v in twin.items()})
     if cfg.name in twin:
         return PRESETS[twin[cfg.name]]
-    return dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, streaming=want_streaming))
+    # Same config, the other variant: its weights (if shipped) swap places with the streaming ones.
+    weights = cfg.bidirectional_dit_weights if not want_streaming else cfg.dit_weights
+    other = cfg.dit_weights if not want_streaming else cfg.bidirectional_dit_weights
+    return dataclasses.replace(
+        cfg,
+        dit=dataclasses.replace(cfg.dit, streaming=want_streaming),
+        dit_weights=weights,
+        bidirectional_dit_weights=other,
+    )
 
 
 def frame_noise(seed: int, start: int, count: int, shape: tuple[int, int, int]) -> Tensor:
@@ -137,7 +145,8 @@ class StreamingEditor:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.config_hash = engine.preset.config_hash()
-        self.runner = ChunkRunner(engine.dit)
+        # Stage-only engines (the cluster's ingest/egress replicas) hold no DiT.
+        self.runner = ChunkRunner(engine.dit) if engine.dit is not None else None
 
     # --- sessions -----------------------------------------------------------------------------------------
 
@@ -228,7 +237,7 @@ class StreamingEditor:
     def total_latents(self, state: SessionState) -> int | None:
         """Latent frames the whole input yields, when its length is known."""
         f = state.settings.total_frames
-        step = self.engine.vae.cfg.temporal_compression
+        step = self.engine.preset.vae.temporal_compression
         return None if f is None else (f - 1 + step - 1) // step + 1
 
     def next_chunk_frames(self, state: SessionState) -> int:

@@ -86,11 +86,19 @@ class PromptTooLongError(ValueError):
         self.n_tokens = n_tokens
         self.limit = limit
         self.index = index
+        self.plain = plain
         what = "prompt" if plain else "prompt (after the system prefix)"
         super().__init__(
             f"{what} #{index} has {n_tokens} tokens; the limit is {limit}. Shorten it, or pass truncate=True "
             f"to keep its first {limit} tokens and drop the rest as the reference does."
         )
+
+    def __reduce__(self):  # picklable across processes (Ray), despite the keyword-only argument
+        return _prompt_too_long, (self.n_tokens, self.limit, self.plain, self.index)
+
+
+def _prompt_too_long(n_tokens: int, limit: int, plain: bool, index: int) -> PromptTooLongError:
+    return PromptTooLongError(n_tokens, limit, plain=plain, index=index)
 
 
 # --- the tiny offline tokenizer and model ---------------------------------------------------------------

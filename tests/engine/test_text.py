@@ -253,3 +253,13 @@ def test_transformers_folder_and_hf_uri_route(enc: TextEncoder, tmp_path, monkey
     enc.clear_cache()
     assert torch.equal(enc.encode(PROMPTS)[0], loaded.encode(PROMPTS)[0])
     assert torch.equal(enc.encode_plain(PROMPTS)[0], loaded.encode_plain(PROMPTS)[0])
+
+
+def test_prompt_too_long_error_pickles():
+    """Crosses process boundaries (Ray replicas) intact, so the gateway can map it to a status code."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(PromptTooLongError(400, 299, plain=False, index=1)))
+    assert isinstance(err, PromptTooLongError)
+    assert (err.n_tokens, err.limit, err.plain, err.index) == (400, 299, False, 1)
+    assert "400 tokens" in str(err)
