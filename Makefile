@@ -20,7 +20,7 @@ test: setup
 
 demo: setup
 	@mkdir -p $(OUT)
-	$(PYTHON) -m engine.testclips --frames 73 --height 128 --width 192 --seed 3 $(OUT)/demo_input.mp4
+	$(PYTHON) -m engine.testclips --frames 73 --height 128 --width 192 --seed 20 $(OUT)/demo_input.mp4
 	sana-stream edit --preset tiny --prompt "make the red circle blue" \
 		--video_path $(OUT)/demo_input.mp4 --num_frames 73 --output_dir $(OUT) --output_name demo_edited.mp4
 	@echo "input:  $(OUT)/demo_input.mp4"
@@ -40,3 +40,7 @@ bench:
 
 clean:
 	rm -rf $(OUT) .setup-stamp .pytest_cache .ruff_cache *.egg-info
+
+# Regenerate the gRPC/protobuf code from proto/videoedit/v1/*.proto (commit the result; a test fails when stale).
+proto:
+	$(PYTHON) -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto proto/videoedit/v1/*.proto

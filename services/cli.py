@@ -1,0 +1,166 @@
+"""`sana-stream` with the cluster subcommands: everything of engine.cli plus `serve` and `stream`.
+
+    sana-stream serve [--preset tiny] [--grpc-port 9000] [--redis-url URL] [--replicas STAGE=N ...]
+    sana-stream stream --server HOST:PORT --video_path IN --prompt P --output OUT [--realtime]
+
+`serve` starts a local Ray instance and the application, prints where it listens and stops cleanly on Ctrl-C.
+`stream` is the client of services/client.py: reads a video, streams it (paced at its fps with --realtime),
+writes the edited mp4 and reports delivered FPS and latency. Ray is imported only by `serve`; the engine's
+commands behave exactly as in engine.cli.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from engine import cli as engine_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = engine_cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    p = sub.add_parser("serve", help="run the streaming service (Ray Serve + gRPC) on this machine")
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny; sana-streaming-2b-ar on GPUs)")
+    p.add_argument("--grpc-host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    p.add_argument("--grpc-port", type=int, default=9000)
+    p.add_argument("--redis-url", default=None, help="session registry in Redis (default: in-process)")
+    p.add_argument("--replicas", nargs="*", default=[], metavar="STAGE=N",
+                   help="replicas per stage: gateway, ingest, text, generator, egress (default 1 each)")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int, default=2, help="generator checkpoint cadence in chunks (0 off)")
+    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request message accepted")
+    p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is reaped")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
+    p.add_argument("--model_path", default=None)
+    p.add_argument("--vae_path", default=None)
+    p.add_argument("--text_encoder_path", default=None)
+    p.add_argument("--random-text", action="store_true", help="random prompt embeddings (benchmarks without Gemma)")
+    p.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="GPU share each model replica asks for")
+
+    p = sub.add_parser("stream", help="stream a video through a running service and write the edited mp4")
+    p.add_argument("--server", default="127.0.0.1:9000", help="HOST:PORT of `sana-stream serve`")
+    p.add_argument("--video_path", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--output", required=True, help="edited mp4 to write")
+    p.add_argument("--realtime", action="store_true", help="send frames at the video's fps instead of at once")
+    p.add_argument("--num_frames", type=int, default=None)
+    p.add_argument("--height", type=int, default=128, help="frame height sent (the video is resized/cropped)")
+    p.add_argument("--width", type=int, default=192)
+    p.add_argument("--fps", type=float, default=None, help="default: the video's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-frames", type=int, default=24, help="frames per request")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--json", default=None, help="write the stream's stats as JSON here")
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from services.app import AppConfig, parse_replicas, run
+    from services.stage import EngineSpec
+
+    spec = EngineSpec(preset=args.preset, device=args.device, dtype=args.dtype, dit_weights=args.model_path,
+                      vae_weights=args.vae_path, text_weights=args.text_encoder_path,
+                      random_text=args.random_text)  # fmt: skip
+    cfg = AppConfig(
+        preset=args.preset,
+        grpc_host=args.grpc_host,
+        grpc_port=args.grpc_port,
+        redis_url=args.redis_url,
+        replicas=parse_replicas(args.replicas),
+        checkpoint_every=args.checkpoint_every,
+        max_message_bytes=int(args.max_message_mb * (1 << 20)),
+        idle_timeout_s=args.idle_timeout,
+        engine=spec,
+        num_gpus=args.num_gpus_per_replica,
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+    t0 = time.perf_counter()
+    try:
+        run(cfg)
+        where = f"{args.grpc_host}:{args.grpc_port}"
+        print(f"sana-stream: serving videoedit.v1.EditService on {where} (gRPC; health + reflection on); "
+              f"preset {args.preset}, registry {'redis ' + args.redis_url if args.redis_url else 'in-process'}, "
+              f"ready in {time.perf_counter() - t0:.0f} s. Ctrl-C stops.", flush=True)  # fmt: skip
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("sana-stream: stopping", file=sys.stderr)
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine.video_io import VideoWriter, read_video
+    from services.client import EditClient
+
+    clip = read_video(args.video_path, args.height, args.width, num_frames=args.num_frames)
+    fps = args.fps or clip.fps or 16.0
+    n = len(clip.frames)
+    bar = tqdm(total=n, desc="edited", unit="frame")
+
+    def progress(resp) -> None:
+        if resp.WhichOneof("kind") == "frames":
+            bar.update(resp.frames.count)
+
+    with EditClient(args.server, api_key=args.api_key) as client:
+        client.wait_ready(30)
+        res = client.stream(
+            clip.frames,
+            args.prompt,
+            chunk_frames=args.chunk_frames,
+            fps=fps,
+            realtime=args.realtime,
+            on_response=progress,
+            seed=args.seed,
+            total_frames=None if args.realtime else n,
+        )
+    bar.close()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(out, fps=fps) as w:
+        w.write(res.frames)
+    stats = {**res.summary(), "input_frames": n, "output": str(out), "realtime": args.realtime}
+    print(f"wrote {out} ({len(res.frames)} frames): {stats['fps']} FPS delivered, latency p50 "
+          f"{stats['latency_ms_p50']} ms, p95 {stats['latency_ms_p95']} ms")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(stats, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command not in ("serve", "stream"):
+        return engine_cli.main(argv)
+    import grpc
+
+    from engine.errors import USER_ERRORS
+
+    try:
+        return {"serve": cmd_serve, "stream": cmd_stream}[args.command](args)
+    except grpc.RpcError as e:
+        print(f"sana-stream: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as e:
+        print(f"sana-stream: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sana-stream: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
