@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=6, help="streaming chunks to time (after warm-up)")
     p.add_argument("--json", default=None, help="write the results as JSON to this path")
     p.add_argument("--quick", action="store_true", help="skip the fast-path figures (graphs, batching, breakdown)")
+
+    from engine.train.cli import add_subcommands
+
+    add_subcommands(sub)  # train, eval
     return parser
 
 
@@ -218,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     from engine.errors import USER_ERRORS
 
     try:
+        if args.command in ("train", "eval"):
+            from engine.train.cli import run
+
+            return run(args)
         return {"edit": cmd_edit, "model-info": cmd_model_info, "bench": cmd_bench}[args.command](args)
     except USER_ERRORS as e:
         print(f"sana-stream: error: {e}", file=sys.stderr)

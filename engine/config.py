@@ -17,7 +17,11 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+"""Weights shipped with the package (the trained tiny editor)."""
 
 
 def softmax_layer_indices(depth: int, ratio: float) -> list[int]:
@@ -145,6 +149,8 @@ class PresetConfig:
     text: TextConfig
     dit_weights: str | None = None
     """hf://owner/repo/path or a local path; None = random init (tests, benchmarks)."""
+    bidirectional_dit_weights: str | None = None
+    """For presets that run both modes with one config (tiny): the bidirectional DiT's weights."""
     vae_weights: str | None = None
     """hf://owner/repo[/subfolder] of a diffusers VAE, or a local folder/file; None = random init."""
     text_weights: str | None = None
@@ -268,6 +274,11 @@ PRESETS: dict[str, PresetConfig] = {
     ),
     "tiny": PresetConfig(
         name="tiny",
+        # Trained in-repo on procedural clips (engine/train/recipe.py; loadtest/results/train_tiny.md).
+        dit_weights=str(ASSETS / "tiny" / "dit_streaming.safetensors"),
+        bidirectional_dit_weights=str(ASSETS / "tiny" / "dit_bidirectional.safetensors"),
+        vae_weights=str(ASSETS / "tiny" / "vae.safetensors"),
+        text_weights=str(ASSETS / "tiny" / "text"),
         dit=_TINY_DIT,
         vae=VAEConfig(diffusers_kwargs=TINY_VAE_KWARGS, latent_channels=16),
         text=TextConfig(hidden_size=64, text_len=64, gemma_kwargs=TINY_GEMMA_KWARGS),

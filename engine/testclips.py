@@ -15,6 +15,7 @@ motion blur, audio, edit programs (a later module builds on `Scene`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,18 @@ import numpy as np
 
 from engine.video_io import write_video
 
-__all__ = ["KINDS", "Background", "Scene", "Shape", "make_clip", "render_scene", "sample_scene", "write_clip"]
+__all__ = [
+    "KINDS",
+    "Background",
+    "Checkerboard",
+    "Scene",
+    "Shape",
+    "make_clip",
+    "render_scene",
+    "render_scene_ex",
+    "sample_scene",
+    "write_clip",
+]
 
 KINDS = ("shapes", "pan", "lighting", "pan+lighting")
 """shapes: static camera and light; pan: the background slides; lighting: the global gain varies; both."""
@@ -171,6 +183,57 @@ def render_scene(scene: Scene, num_frames: int, height: int, width: int) -> np.n
         gain = 1.0 + scene.light_amplitude * np.sin(2 * np.pi * t / scene.light_period + scene.light_phase)
         out[t] = np.clip(img * gain * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return out
+
+
+@dataclass(frozen=True)
+class Checkerboard:
+    """A checkerboard background in world space (it pans with the camera), replacing the textured gradient."""
+
+    cell: float = 0.25
+    """Square side in frame heights."""
+    light: tuple[float, float, float] = (0.92, 0.92, 0.92)
+    dark: tuple[float, float, float] = (0.12, 0.12, 0.12)
+
+
+def render_scene_ex(
+    scene: Scene,
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    checkerboard: Checkerboard | None = None,
+    grayscale: bool = False,
+) -> np.ndarray:
+    """`render_scene` with the edits the procedural dataset needs -> uint8 (num_frames, height, width, 3).
+
+    checkerboard: draw this background instead of the scene's gradient (shapes, pan and lighting unchanged).
+    grayscale: convert each final frame to luma (Rec. 601 weights), replicated on the three channels.
+    With neither, the output equals `render_scene` exactly."""
+    if checkerboard is None and not grayscale:
+        return render_scene(scene, num_frames, height, width)
+    if checkerboard is None:
+        frames = render_scene(scene, num_frames, height, width)
+    else:
+        bg = Background(top=(0.0, 0.0, 0.0), bottom=(0.0, 0.0, 0.0), direction=0.0, waves=())
+        flat = Scene(bg, scene.shapes, scene.pan, 0.0, scene.light_period, scene.light_phase)
+        # shapes over a black background, plus an alpha channel from a second pass with white shapes
+        white = tuple(dataclasses.replace(s, color=(1.0, 1.0, 1.0)) for s in scene.shapes)
+        over = render_scene(flat, num_frames, height, width).astype(np.float32) / 255.0
+        alpha = render_scene(dataclasses.replace(flat, shapes=white), num_frames, height, width)[..., :1] / 255.0
+        ys = ((np.arange(height, dtype=np.float32) + 0.5) / height)[:, None]
+        xs = ((np.arange(width, dtype=np.float32) + 0.5) / height)[None, :]
+        light, dark = np.asarray(checkerboard.light, np.float32), np.asarray(checkerboard.dark, np.float32)
+        frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+        for t in range(num_frames):
+            wx, wy = xs + scene.pan[0] * t, ys + scene.pan[1] * t
+            parity = (np.floor(wx / checkerboard.cell) + np.floor(wy / checkerboard.cell)) % 2  # (H, W)
+            img = np.where(parity[..., None] > 0, dark, light) * (1 - alpha[t]) + over[t]
+            gain = 1.0 + scene.light_amplitude * np.sin(2 * np.pi * t / scene.light_period + scene.light_phase)
+            frames[t] = np.clip(img * gain * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if grayscale:
+        luma = frames.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32)
+        frames = np.repeat(np.clip(luma + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    return frames
 
 
 def make_clip(num_frames: int, height: int, width: int, seed: int = 0, kind: str = "shapes") -> np.ndarray:
