@@ -203,9 +203,7 @@ class ChunkRunner:
         def per_branch(t: Tensor, job: ChunkJob) -> Tensor:
             return t.expand(job.branches, *t.shape[1:])
 
-        rope = torch.cat(
-            [per_branch(m.rope.table(j.cache.next_frame, T, H, W, self.device)[None], j) for j in jobs]
-        )
+        rope = torch.cat([per_branch(m.rope.table(j.cache.next_frame, T, H, W, self.device)[None], j) for j in jobs])
         inputs = {
             "source": torch.cat([per_branch(j.source, j) for j in jobs]),
             "text": torch.cat([j.text for j in jobs]),

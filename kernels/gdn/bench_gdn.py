@@ -76,9 +76,7 @@ def axes(a: dict) -> dict:
     from engine.model.layers import RoPE3D
 
     dt, dh, _ = RoPE3D(D).dims
-    r3 = tg.Rope3DTables.from_full(
-        a["cos"], a["sin"], a["frames"], (GRID_H, GRID_W), (dt // 2, (dt + dh) // 2)
-    )
+    r3 = tg.Rope3DTables.from_full(a["cos"], a["sin"], a["frames"], (GRID_H, GRID_W), (dt // 2, (dt + dh) // 2))
     return {**a, "cos": None, "sin": None, "rope3d": r3}
 
 
@@ -146,9 +144,7 @@ def checks(B: int, T: int, tiling: tg.GDNTiling) -> dict:
         out[f"bidirectional_{tag}_vs_fp64"] = {n: err(x, r) for n, x, r in zip(names, got, ref_s)}
         ref_f = naive.gdn_scan(*(fx[k].double() for k in order), st[0].double(), st[1].double())
         got_f = tg.gdn_scan(*(fx[k] for k in order), *st, tiling=tiling)
-        out[f"scan_{tag}_vs_fp64"] = {
-            n: err(x, r) for n, x, r in zip(("num", "den", *names[1:]), got_f, ref_f)
-        }
+        out[f"scan_{tag}_vs_fp64"] = {n: err(x, r) for n, x, r in zip(("num", "den", *names[1:]), got_f, ref_f)}
     return out
 
 
@@ -222,9 +218,7 @@ def timings(B: int, T: int, tiling: tg.GDNTiling, bw: float) -> dict:
     feats = [{k: v.to(torch.bfloat16) for k, v in features(a).items()} for a in sets]
     order = ("q", "k", "v", "q_rot", "k_rot", "beta", "decay")
     plain = [
-        lambda f=f, a=a: tg.bidirectional_gdn(
-            *(f[k] for k in order), a["state_kv"], a["state_z"], tiling=tiling
-        )
+        lambda f=f, a=a: tg.bidirectional_gdn(*(f[k] for k in order), a["state_kv"], a["state_z"], tiling=tiling)
         for f, a in zip(feats, sets)
     ]
     res["triton_scan_bf16_graph"] = graph_us(plain)
@@ -345,9 +339,7 @@ def sweep() -> tuple[list[dict], tg.GDNTiling]:
         ranked = sorted((r for r in rows if "median_us" in r), key=lambda r: r["median_us"])
         return rows, tg.GDNTiling(**ranked[0]["tiling"])
     except Exception as e:
-        rows.append(
-            {"tiling": composed.__dict__, "composed": True, "error": f"{type(e).__name__}: {e}"[:400]}
-        )
+        rows.append({"tiling": composed.__dict__, "composed": True, "error": f"{type(e).__name__}: {e}"[:400]})
         ranked = sorted((r for r in rows if "median_us" in r), key=lambda r: r["median_us"])
         return rows, tg.GDNTiling(**ranked[0]["tiling"]) if ranked else tg.DEFAULT_TILING
 
@@ -357,9 +349,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--sweep", action="store_true", help="time GDNTiling variants first and use the fastest")
     p.add_argument("--quick", action="store_true", help="B=1 only")
-    p.add_argument(
-        "--once", action="store_true", help="only run the fused layer 6 times at B=1, T=3 (for ncu)"
-    )
+    p.add_argument("--once", action="store_true", help="only run the fused layer 6 times at B=1, T=3 (for ncu)")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.once:

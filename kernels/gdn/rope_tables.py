@@ -38,16 +38,12 @@ class Rope3DTables:
     pairs: tuple[int, int]
 
     @staticmethod
-    def from_full(
-        cos: Tensor, sin: Tensor, frames: int, grid: tuple[int, int], pairs: tuple[int, int]
-    ) -> Rope3DTables:
+    def from_full(cos: Tensor, sin: Tensor, frames: int, grid: tuple[int, int], pairs: tuple[int, int]) -> Rope3DTables:
         """Slice the per-axis rows out of full ([B,] N, D/2) tables laid out as described (frame-major)."""
         GH, GW = grid
         S = GH * GW
         if cos.shape[-2] != frames * S or sin.shape != cos.shape:
-            raise ValueError(
-                f"cos, sin ([B,] {frames * S}, D/2) expected, got {tuple(cos.shape)}, {tuple(sin.shape)}"
-            )
+            raise ValueError(f"cos, sin ([B,] {frames * S}, D/2) expected, got {tuple(cos.shape)}, {tuple(sin.shape)}")
 
         def pack(x: Tensor) -> Tensor:
             parts = [x[..., ::S, :], x[..., :S:GW, :], x[..., :GW, :]]
@@ -142,8 +138,7 @@ def rope_args(
         return RopeArgs(0, None, None)
     if tuple(cos.shape[-2:]) != (N, D // 2) or sin.shape != cos.shape or cos.dim() not in (2, 3):
         raise ValueError(
-            f"cos, sin ([B,] N, D/2) with (N, D/2)=({N},{D // 2}) expected, "
-            f"got {tuple(cos.shape)}, {tuple(sin.shape)}"
+            f"cos, sin ([B,] N, D/2) with (N, D/2)=({N},{D // 2}) expected, got {tuple(cos.shape)}, {tuple(sin.shape)}"
         )
     if cos.dtype not in (torch.float32, torch.bfloat16):
         cos, sin = cos.to(torch.float32), sin.to(torch.float32)

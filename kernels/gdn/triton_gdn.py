@@ -93,9 +93,7 @@ class GDNTiling:
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
         if self.split_a < 1 or self.tokens_c < self.block_c:
-            raise ValueError(
-                f"split_a >= 1 and tokens_c >= block_c expected, got {self.split_a}, {self.tokens_c}"
-            )
+            raise ValueError(f"split_a >= 1 and tokens_c >= block_c expected, got {self.split_a}, {self.tokens_c}")
 
     def for_fp32(self) -> GDNTiling:
         """fp32 operands take 3xTF32 dots: smaller token tiles keep phases A and C in shared memory."""
@@ -247,9 +245,7 @@ def _run(
         num_warps=tiling.warps_a, num_stages=tiling.stages_a,
     )  # fmt: skip
     op_dtype = torch.bfloat16 if bf16 else torch.float32
-    hs, zs, fkv, fz = _scan_state(
-        pa, bz, decay, state_kv, state_z, (B, H, T, D), split, ndir, op_dtype, tiling
-    )
+    hs, zs, fkv, fz = _scan_state(pa, bz, decay, state_kv, state_z, (B, H, T, D), split, ndir, op_dtype, tiling)
     tokens_c = min(tiling.tokens_c, triton.cdiv(S, tiling.block_c) * tiling.block_c)
     g = gate if gate is not None else out
     _phase_c_kernel[(triton.cdiv(S, tokens_c), B * H * T)](
@@ -308,9 +304,7 @@ def gdn_scan(
     B, H, T, S, D = q.shape
     num = _empty((B, H, T, S, D), q.dtype, q.device)
     den = _empty((B, H, T, S), torch.float32, q.device)
-    fkv, fz = _run(
-        q, k, v, q_rot, k_rot, beta, decay, state_kv, state_z, num, den, 0.0, 1, None, None, tiling
-    )
+    fkv, fz = _run(q, k, v, q_rot, k_rot, beta, decay, state_kv, state_z, num, den, 0.0, 1, None, None, tiling)
     return num, den, fkv, fz
 
 
@@ -341,9 +335,7 @@ def bidirectional_gdn(
     _check_frames(q, {"k": k, "v": v, "q_rot": q_rot, "k_rot": k_rot}, beta, decay)
     q, k, v, q_rot, k_rot = (_inner(t) for t in (q, k, v, q_rot, k_rot))
     out = _empty(tuple(q.shape), q.dtype, q.device)
-    fkv, fz = _run(
-        q, k, v, q_rot, k_rot, beta, decay, state_kv, state_z, out, None, eps, 2, None, None, tiling
-    )
+    fkv, fz = _run(q, k, v, q_rot, k_rot, beta, decay, state_kv, state_z, out, None, eps, 2, None, None, tiling)
     return out, fkv, fz
 
 

@@ -307,9 +307,7 @@ def _phase_a_kernel(
                 k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_d, D, rstd_base, w_base,
                 cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, True, True, BS, BD,
             )  # fmt: skip
-            acc = tl.dot(
-                _op(tl.trans(kr * beta[:, None]), BF16, EMU), _op(kr, BF16, EMU), acc, input_precision=PREC
-            )
+            acc = tl.dot(_op(tl.trans(kr * beta[:, None]), BF16, EMU), _op(kr, BF16, EMU), acc, input_precision=PREC)
             kbf = k * beta[:, None]
             bz += tl.sum(kbf, axis=0)
             acc_z = tl.dot(_op(tl.trans(kbf), BF16, EMU), _op(k, BF16, EMU), acc_z, input_precision=PREC)
@@ -323,9 +321,7 @@ def _phase_a_kernel(
                 cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, False, True,
                 BS, BD,
             )  # fmt: skip
-            acc = tl.dot(
-                _op(tl.trans(kr * beta[:, None]), BF16, EMU), _op(kr, BF16, EMU), acc, input_precision=PREC
-            )
+            acc = tl.dot(_op(tl.trans(kr * beta[:, None]), BF16, EMU), _op(kr, BF16, EMU), acc, input_precision=PREC)
     else:  # P_z = K^T diag(beta) K, b_z = K^T beta
         for s0 in range(s_begin, s_end, BS):
             offs_s = s0 + tl.arange(0, BS)
@@ -352,9 +348,7 @@ def _phase_a_kernel(
 
 
 @triton.jit
-def _frame_mats(
-    pa_ptr, bz_ptr, blk, offs_k, offs_v, D: tl.constexpr, N_SPLIT, Z: tl.constexpr, BD: tl.constexpr
-):
+def _frame_mats(pa_ptr, bz_ptr, blk, offs_k, offs_v, D: tl.constexpr, N_SPLIT, Z: tl.constexpr, BD: tl.constexpr):
     """Frame matrices summed over phase A's token splits starting at block blk: Z = 0: (P (BD, BD),
     A[:, offs_v] (BD, BV)); Z = 1: (P_z (BD, BD), b_z (BD,))."""
     DD: tl.constexpr = D * D

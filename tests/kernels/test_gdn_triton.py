@@ -213,9 +213,7 @@ def test_rms_rstd_and_qk_prologue(dtype):
     scale = D**-0.5 * (GH * GW) ** -0.5
     y, yr = tg.qk_prologue(x, w, 1e-5, scale, a["cos"], a["sin"], H)
     ry, ryr = naive_fused.qk_prologue(x, w, 1e-5, scale, a["cos"], a["sin"], H)
-    if (
-        dtype == torch.bfloat16
-    ):  # the reference rounds after norm, scale and rotation, the kernel once: 2 ulps
+    if dtype == torch.bfloat16:  # the reference rounds after norm, scale and rotation, the kernel once: 2 ulps
         torch.testing.assert_close(y.float(), ry.float(), atol=0, rtol=2**-6)
         torch.testing.assert_close(yr.float(), ryr.float(), atol=2**-7 * float(ryr.abs().max()), rtol=2**-6)
     else:
@@ -238,9 +236,7 @@ def test_golden_gdn_op(init):
 
     args = [frames(f[f"in.{n}"]) for n in ("q", "k", "v", "q_rot", "k_rot")]
     args += [f["in.beta"].permute(0, 3, 1, 2).float(), f["in.decay"].float()]
-    state = (
-        (f["in.state_kv_init"].float(), f["in.state_z_init"].float()) if init == "with_init" else (None, None)
-    )
+    state = (f["in.state_kv_init"].float(), f["in.state_z_init"].float()) if init == "with_init" else (None, None)
     num, den, m, z = tg.gdn_scan(*args, *state)
     tol = dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(num.double(), frames(f[f"{init}.num"]).double(), **tol)
