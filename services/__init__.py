@@ -1,0 +1,5 @@
+"""Ray Serve deployments of sana-stream: one role per module (gateway, ingest, text_encoder, generator, egress),
+composed by `services.app`; the gRPC client in `services.client`; the serve/stream CLI in `services.cli`.
+
+Non-goals: model code (engine/) and the wire definitions (proto/videoedit/v1/).
+"""
