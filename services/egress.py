@@ -20,7 +20,7 @@ import numpy as np
 from ray import serve
 
 from services.routing import ROUTER_PATH, Route
-from services.stage import EngineSpec, StatefulStage, from_array
+from services.stage import CodecStage, from_array
 
 
 class _H264Encoder:
@@ -55,22 +55,10 @@ class _H264Encoder:
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=16,
 )
-class Egress(StatefulStage):
+class Egress(CodecStage):
     stage = "egress"
     part = "decoder"
     model_parts = ("vae",)
-
-    def __init__(self, spec: EngineSpec) -> None:
-        super().__init__(spec)
-        self.encoders: dict[str, _H264Encoder] = {}
-        self.h264: set[str] = set()
-
-    async def open(self, session_id: str, settings: dict, h264: bool, route: Route | None = None):
-        t0 = time.perf_counter()
-        self._open_state(session_id, settings)
-        if h264:
-            self.h264.add(session_id)
-        return self._reply(t0, self.replica_id)
 
     async def decode(self, session_id: str, edited, final: bool = False, frames_in: int = 0,
                      route: Route | None = None):  # fmt: skip
@@ -84,23 +72,11 @@ class Egress(StatefulStage):
             frames = self.editor.decode(state, from_array(edited), final=final)
             if session_id not in self.h264:
                 return frames, frames.shape[0]
-            enc = self.encoders.get(session_id)
+            enc = self.codecs.get(session_id)
             if enc is None:
                 s = state.settings
-                enc = self.encoders[session_id] = _H264Encoder(s.height, s.width, s.fps)
+                enc = self.codecs[session_id] = _H264Encoder(s.height, s.width, s.fps)
             return enc.push(frames, final), frames.shape[0]
 
         out, n = await self._compute(work)
         return self._reply(t0, out, count=int(n), frames_out=state.cursor.frames_out)
-
-    def _extra_snapshot(self, session_id: str) -> dict:
-        return {"h264": session_id in self.h264}
-
-    def _adopt_extra(self, session_id: str, extra: dict) -> None:
-        if extra.get("h264"):
-            self.h264.add(session_id)
-
-    def _forget(self, session_id: str) -> None:
-        super()._forget(session_id)
-        self.encoders.pop(session_id, None)
-        self.h264.discard(session_id)

@@ -19,7 +19,7 @@ import numpy as np
 from ray import serve
 
 from services.routing import ROUTER_PATH, Route
-from services.stage import BadInputError, EngineSpec, StatefulStage, to_array
+from services.stage import BadInputError, CodecStage, to_array
 
 H264_START_CODES = (b"\x00\x00\x01", b"\x00\x00\x00\x01")
 
@@ -80,28 +80,16 @@ class _H264Decoder:
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=16,
 )
-class Ingest(StatefulStage):
+class Ingest(CodecStage):
     stage = "ingest"
     part = "encoder"
     model_parts = ("vae",)
 
-    def __init__(self, spec: EngineSpec) -> None:
-        super().__init__(spec)
-        self.decoders: dict[str, _H264Decoder] = {}
-        self.h264: set[str] = set()
-
-    async def open(self, session_id: str, settings: dict, h264: bool, route: Route | None = None):
-        t0 = time.perf_counter()
-        self._open_state(session_id, settings)
-        if h264:
-            self.h264.add(session_id)
-        return self._reply(t0, self.replica_id)
-
     def _decoder(self, session_id: str) -> _H264Decoder:
-        dec = self.decoders.get(session_id)
+        dec = self.codecs.get(session_id)
         if dec is None:
             s = self.sessions[session_id].settings
-            dec = self.decoders[session_id] = _H264Decoder(s.height, s.width)
+            dec = self.codecs[session_id] = _H264Decoder(s.height, s.width)
         return dec
 
     async def encode(self, session_id: str, frames, final: bool = False, route: Route | None = None):
@@ -119,15 +107,3 @@ class Ingest(StatefulStage):
 
         latents, n = await self._compute(work)
         return self._reply(t0, latents, frames=n, frames_in=state.cursor.frames_in)
-
-    def _extra_snapshot(self, session_id: str) -> dict:
-        return {"h264": session_id in self.h264}
-
-    def _adopt_extra(self, session_id: str, extra: dict) -> None:
-        if extra.get("h264"):
-            self.h264.add(session_id)
-
-    def _forget(self, session_id: str) -> None:
-        super()._forget(session_id)
-        self.decoders.pop(session_id, None)
-        self.h264.discard(session_id)

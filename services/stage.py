@@ -108,25 +108,6 @@ def from_array(a: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))  # a copy: object store is RO
 
 
-class StageEditor(StreamingEditor):
-    """`StreamingEditor` for a replica that holds only some of the models: the DiT's chunk runner exists only
-    where the DiT does (Ingest and Egress have the VAE alone)."""
-
-    def __init__(self, engine: Engine) -> None:
-        if engine.dit is not None:
-            super().__init__(engine)
-            return
-        self.engine = engine
-        self.config_hash = engine.preset.config_hash()
-        self.runner = None
-
-    def total_latents(self, state: SessionState) -> int | None:
-        """As StreamingEditor's, from the preset's VAE config (the Generator holds no VAE)."""
-        f = state.settings.total_frames
-        step = self.engine.preset.vae.temporal_compression
-        return None if f is None else (f - 1 + step - 1) // step + 1
-
-
 @dataclass
 class Reply:
     """What every stage call returns: who served it, how long the work took inside the replica, the value."""
@@ -151,7 +132,7 @@ class StatefulStage:
             torch.set_num_threads(spec.torch_threads)
         self.spec = spec
         self.engine = build_engine(spec, self.model_parts)
-        self.editor = StageEditor(self.engine)
+        self.editor = StreamingEditor(self.engine)
         self.sessions: dict[str, SessionState] = {}
         self.served: collections.Counter[str] = collections.Counter()
         """session -> calls served by this replica (the affinity record)."""
@@ -229,3 +210,32 @@ class StatefulStage:
 
     async def check_health(self) -> None:  # Ray Serve health check: the compute thread must be alive
         pass
+
+
+class CodecStage(StatefulStage):
+    """Ingest and Egress: stages whose sessions may carry H.264 instead of raw frames, with a per-session codec
+    (decoder in, encoder out) created on first use. The codec itself does not migrate; the H.264 flag does."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        super().__init__(spec)
+        self.codecs: dict[str, Any] = {}
+        self.h264: set[str] = set()
+
+    async def open(self, session_id: str, settings: dict, h264: bool, route: Route | None = None):
+        t0 = time.perf_counter()
+        self._open_state(session_id, settings)
+        if h264:
+            self.h264.add(session_id)
+        return self._reply(t0, self.replica_id)
+
+    def _extra_snapshot(self, session_id: str) -> dict:
+        return {"h264": session_id in self.h264}
+
+    def _adopt_extra(self, session_id: str, extra: dict) -> None:
+        if extra.get("h264"):
+            self.h264.add(session_id)
+
+    def _forget(self, session_id: str) -> None:
+        super()._forget(session_id)
+        self.codecs.pop(session_id, None)
+        self.h264.discard(session_id)
