@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MODE_DEFAULTS = {
@@ -216,23 +217,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def guarded(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace, describe: dict | None = None) -> int:
+    """Run a subcommand: errors a user can cause print one line `sana-stream: error: ...` and give status 2.
+
+    describe: extra {exception type: message function} for errors of other layers (e.g. gRPC statuses)."""
     from engine.errors import USER_ERRORS
 
+    describe = dict(describe or {})
     try:
-        if args.command in ("train", "eval"):
-            from engine.train.cli import run
-
-            return run(args)
-        return {"edit": cmd_edit, "model-info": cmd_model_info, "bench": cmd_bench}[args.command](args)
-    except USER_ERRORS as e:
-        print(f"sana-stream: error: {e}", file=sys.stderr)
+        return fn(args)
+    except (*describe, *USER_ERRORS) as e:
+        text = next((f(e) for t, f in describe.items() if isinstance(e, t)), str(e))
+        print(f"sana-stream: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sana-stream: interrupted", file=sys.stderr)
         return 130
+
+
+def _run_training(args: argparse.Namespace) -> int:
+    from engine.train.cli import run
+
+    return run(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "edit": cmd_edit,
+    "model-info": cmd_model_info,
+    "bench": cmd_bench,
+    "train": _run_training,
+    "eval": _run_training,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

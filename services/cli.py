@@ -147,19 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return engine_cli.main(argv)
     import grpc
 
-    from engine.errors import USER_ERRORS
-
-    try:
-        return {"serve": cmd_serve, "stream": cmd_stream}[args.command](args)
-    except grpc.RpcError as e:
-        print(f"sana-stream: error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 2
-    except USER_ERRORS as e:
-        print(f"sana-stream: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sana-stream: interrupted", file=sys.stderr)
-        return 130
+    statuses = {grpc.RpcError: lambda e: f"{e.code().name}: {e.details()}"}
+    return engine_cli.guarded({"serve": cmd_serve, "stream": cmd_stream}[args.command], args, statuses)
 
 
 if __name__ == "__main__":
