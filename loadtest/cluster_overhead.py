@@ -42,11 +42,12 @@ def machine() -> dict:
 
 
 def engine_side(args, spec, clip) -> dict:
+    from engine.pipeline import StreamingEditor
     from engine.session import SessionSettings
-    from services.stage import StageEditor, build_engine
+    from services.stage import build_engine
     from services.wire import wrap_snapshot
 
-    editor = StageEditor(build_engine(spec, ("dit", "vae", "text")))
+    editor = StreamingEditor(build_engine(spec, ("dit", "vae", "text")))
     dev = editor.engine.device
 
     def sync():
