@@ -37,16 +37,13 @@ from torch import Tensor
 from engine.config import PRESETS, PresetConfig, get_preset
 from engine.model.cache import DiTCache
 from engine.model.hybrid_dit import SanaStreamingDiT
-from engine.sampler import StreamingSchedule, cfg_combine, make_bidirectional_scheduler
+from engine.sampler import CHUNK_FRAMES, StreamingSchedule, cfg_combine, chunk_bounds, make_bidirectional_scheduler
 from engine.session import SessionSettings, SessionState
 from engine.step import ChunkJob, ChunkRunner
 from engine.text import TextEncoder
 from engine.vae import VideoVAE
 from engine.video_io import frames_to_tensor, frames_to_uint8
 from engine.weights import load_model
-
-CHUNK_FRAMES = 3
-"""Latent frames per chunk (24 // temporal compression 8)."""
 
 MODES = ("long_streaming", "bidirectional_short")
 
@@ -241,13 +238,12 @@ class StreamingEditor:
         return None if f is None else (f - 1 + step - 1) // step + 1
 
     def next_chunk_frames(self, state: SessionState) -> int:
+        """Latent frames of the session's next chunk: the release's plan when the length is known, else 3."""
         total = self.total_latents(state)
+        if total is None:
+            return CHUNK_FRAMES
         done = state.cursor.latents_generated
-        if done == 0 and total is not None and total > CHUNK_FRAMES:
-            return CHUNK_FRAMES + total % CHUNK_FRAMES
-        if total is not None:
-            return min(CHUNK_FRAMES, total - done)
-        return CHUNK_FRAMES
+        return next((b - a for a, b in chunk_bounds(total) if a == done), total - done)
 
     def generate(
         self,

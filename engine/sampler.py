@@ -22,6 +22,19 @@ from torch import Tensor
 
 RELEASED_TIMESTEPS: dict[int, tuple[int, ...]] = {4: (1000, 961, 893, 743), 2: (1000, 743)}
 
+CHUNK_FRAMES = 3
+"""Latent frames per streaming chunk (24 pixel frames // temporal compression 8)."""
+
+
+def chunk_bounds(num_latents: int, chunk: int = CHUNK_FRAMES) -> list[tuple[int, int]]:
+    """The release's chunking of a clip of known length: [start, end) latent frames per chunk, the first chunk
+    taking chunk + (T mod chunk) frames when T > chunk (`create_autoregressive_segments`), one chunk otherwise."""
+    if num_latents <= chunk:
+        return [(0, num_latents)]
+    first = chunk + num_latents % chunk
+    return [(0, first)] + [(a, a + chunk) for a in range(first, num_latents, chunk)]
+
+
 DEFAULT_NEGATIVE_PROMPT = (
     "A chaotic sequence with misshapen, deformed limbs in heavy motion blur, sudden disappearance, jump cuts, "
     "jerky movements, rapid shot changes, frames out of sync, inconsistent character shapes, temporal artifacts, "

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.model.hybrid_dit import SanaStreamingDiT
-from engine.train.flow import STREAMING_STEPS, chunk_bounds, null_text
+from engine.sampler import chunk_bounds
+from engine.train.flow import STREAMING_STEPS, null_text
 
 
 def rollout(

@@ -60,7 +60,7 @@ def frame_diff(v: np.ndarray) -> np.ndarray:
 
 def seam_frames(num_frames: int, chunk: int = 3, tc: int = 8) -> list[int]:
     """Pixel frames f such that f-1 -> f crosses a latent chunk boundary of the streaming editor."""
-    from engine.train.flow import chunk_bounds
+    from engine.sampler import chunk_bounds
 
     latents = (num_frames - 1 + tc - 1) // tc + 1
     return [a * tc - tc + 1 for a, _ in chunk_bounds(latents, chunk)[1:] if a * tc - tc + 1 < num_frames]

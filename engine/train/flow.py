@@ -25,22 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.model.hybrid_dit import SanaStreamingDiT
-from engine.sampler import RELEASED_TIMESTEPS
+from engine.sampler import RELEASED_TIMESTEPS, chunk_bounds
 
 STREAMING_STEPS: tuple[int, ...] = RELEASED_TIMESTEPS[4]
 """(1000, 961, 893, 743): the generator's denoising list; sigma = t / 1000."""
-
-
-def chunk_bounds(num_latents: int, chunk: int = 3) -> list[tuple[int, int]]:
-    """The release's chunking of a known-length clip: first chunk chunk + T mod chunk (when T > chunk)."""
-    if num_latents <= chunk:
-        return [(0, num_latents)]
-    bounds, start = [], 0
-    first = chunk + num_latents % chunk
-    for size in [first] + [chunk] * ((num_latents - first) // chunk):
-        bounds.append((start, start + size))
-        start += size
-    return bounds
 
 
 def sample_sigmas(batch: int, shift: float = 3.0, generator: torch.Generator | None = None) -> Tensor:

@@ -10,8 +10,9 @@ import torch
 
 from engine.config import PRESETS
 from engine.model.hybrid_dit import SanaStreamingDiT
+from engine.sampler import chunk_bounds
 from engine.train.dmd import critic_loss, dmd_loss, rollout
-from engine.train.flow import chunk_bounds, flow_matching_loss, reverse_reg_loss
+from engine.train.flow import flow_matching_loss, reverse_reg_loss
 from engine.train.trainer import LatentData, TrainConfig, train_flow, train_streaming, training_init
 from engine.weights import load_model, save_checkpoint
 
