@@ -52,14 +52,21 @@ class ChunkJob:
     is_last: bool = False
     result: Tensor | None = field(default=None, init=False)
     """(1, C, T, h, w) fp32 denoised latents, set by `ChunkRunner.run`."""
+    _reads: list[LayerRead] | None = field(default=None, init=False, repr=False)
 
     @property
     def branches(self) -> int:
         return self.text.shape[0]
 
+    def reads(self, model: SanaStreamingDiT) -> list[LayerRead]:
+        """Every block's read of this session's cache for the chunk (built once: it concatenates the window)."""
+        if self._reads is None:
+            self._reads = [self.cache.read(b.index) for b in model.blocks]
+        return self._reads
+
     def signature(self, model: SanaStreamingDiT) -> tuple:
         """Everything that fixes the shapes of this job's forwards (jobs with equal signatures batch together)."""
-        reads = [self.cache.read(b.index) for b in model.blocks]
+        reads = self.reads(model)
         window = next((r.past_kv[0].shape[1] for r in reads if r.past_kv is not None), 0)
         history = any(r.gdn_state is not None or r.ffn_ctx is not None for r in reads)
         return (
@@ -74,7 +81,9 @@ class ChunkJob:
 
 
 def _cat_reads(per_job: list[list[LayerRead]]) -> list[LayerRead]:
-    """Stack the jobs' cache reads along the batch, block by block."""
+    """Stack the jobs' cache reads along the batch, block by block (a lone job's reads are used as they are)."""
+    if len(per_job) == 1:
+        return per_job[0]
     out = []
     for reads in zip(*per_job):
         r0 = reads[0]
@@ -209,7 +218,7 @@ class ChunkRunner:
             "text": torch.cat([j.text for j in jobs]),
             "text_mask": torch.cat([j.mask for j in jobs]),
             "rope": rope,
-            "reads": _cat_reads([[j.cache.read(b.index) for b in m.blocks] for j in jobs]),
+            "reads": _cat_reads([j.reads(m) for j in jobs]),
         }
         xs = [j.noise.to(self.device) for j in jobs]
         sched = jobs[0].schedule
