@@ -30,8 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=9000)
     p.add_argument("--redis-url", default=None, help="session registry in Redis (default: in-process)")
     p.add_argument("--replicas", nargs="*", default=[], metavar="STAGE=N",
-                   help="replicas per stage: gateway, ingest, text, generator, egress (default 1 each)")  # fmt: skip
-    p.add_argument("--checkpoint-every", type=int, default=2, help="generator checkpoint cadence in chunks (0 off)")
+                   help="replicas per stage: gateway, ingest, text, generator, egress, bidirectional (default 1 "
+                        "each; bidirectional=0: no bidirectional_short sessions)")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int, default=2,
+                   help="crash-resume checkpoint cut cadence in chunks (0: off)")  # fmt: skip
+    p.add_argument("--checkpoint-stages", default="ingest,generator,egress",
+                   help="stages a checkpoint cut holds: ingest,generator,egress (any replica may die) or "
+                        "generator,egress (no VAE encoder cache in cuts; an ingest loss ends the session)")  # fmt: skip
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request message accepted")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is reaped")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
@@ -64,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from services.app import AppConfig, parse_replicas, run
+    from services.recovery import parse_stages
     from services.stage import EngineSpec
 
     spec = EngineSpec(preset=args.preset, device=args.device, dtype=args.dtype, dit_weights=args.model_path,
@@ -76,13 +82,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         replicas=parse_replicas(args.replicas),
         checkpoint_every=args.checkpoint_every,
+        checkpoint_stages=parse_stages(args.checkpoint_stages),
         max_message_bytes=int(args.max_message_mb * (1 << 20)),
         idle_timeout_s=args.idle_timeout,
         engine=spec,
         num_gpus=args.num_gpus_per_replica,
     )
+    import os
+
     root = str(Path(__file__).resolve().parents[1])
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": root}})
+    otel = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}  # tracing config for every replica
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": root, **otel}})
     t0 = time.perf_counter()
     try:
         run(cfg)

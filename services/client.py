@@ -30,7 +30,7 @@ class StreamResult:
     session_id: str = ""
     resume_token: str = ""
     frames: np.ndarray | None = None
-    """RGB24 sessions: uint8 (n, H, W, 3). H.264 output: None (see h264)."""
+    """RGB24 output: uint8 (n, H, W, 3). H.264 output: None (see h264)."""
     h264: bytes = b""
     responses: list = field(default_factory=list)
     """Every FramesOut (data stripped), in order."""
@@ -66,6 +66,16 @@ def end_request(seq: int) -> pb.StreamEditRequest:
     return pb.StreamEditRequest(end=pb.EndOfInput(seq=seq))
 
 
+def _trace_metadata() -> list[tuple[str, str]]:
+    try:
+        from opentelemetry import propagate
+    except ImportError:  # tracing is optional on the client
+        return []
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
 class EditClient:
     def __init__(self, address: str, *, api_key: str | None = None, max_message_bytes: int = 256 << 20) -> None:
         opts = [("grpc.max_receive_message_length", max_message_bytes),
@@ -90,8 +100,9 @@ class EditClient:
     # --- raw ----------------------------------------------------------------------------------------------------
 
     def call(self, requests: Iterator[pb.StreamEditRequest], timeout: float | None = None):
-        """The bidirectional call as is: an iterator of StreamEditResponse (raises grpc.RpcError)."""
-        return self.edit.StreamEdit(requests, metadata=self.metadata, timeout=timeout)
+        """The bidirectional call as is: an iterator of StreamEditResponse (raises grpc.RpcError). The caller's
+        current OpenTelemetry span, if any, goes along as W3C `traceparent` metadata."""
+        return self.edit.StreamEdit(requests, metadata=self.metadata + _trace_metadata(), timeout=timeout)
 
     def get_session(self, session_id: str) -> pb.SessionInfo:
         return self.edit.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=self.metadata)
@@ -185,7 +196,7 @@ class EditClient:
             opened.set()
         res.wall_s = time.perf_counter() - t_start
         res.h264 = b"".join(blobs)
-        if h264 is None:
+        if outs or not blobs:  # RGB24 output (also for H.264 input with output_format RGB24)
             h, w = open_kw["height"], open_kw["width"]
             res.frames = np.concatenate(outs) if outs else np.zeros((0, h, w, 3), np.uint8)
         return res

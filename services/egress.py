@@ -8,6 +8,8 @@ pixel-frame count Ingest received.
 
 Migration carries the decoder context; an H.264 encoder cannot be serialised, so a migrated H.264-out session
 starts a new encoder (its next output begins with an IDR frame and fresh SPS/PPS; Annex-B decoders accept it).
+Crash resume replays requests whose output the client already has with `replay=True`: decoded (the decoder
+context must advance) but not encoded, so the new encoder's first frame is the first one the client gets.
 Non-goals: containers (mp4 muxing is the client's), bitrate control beyond a fixed CRF.
 """
 
@@ -20,7 +22,7 @@ import numpy as np
 from ray import serve
 
 from services.routing import ROUTER_PATH, Route
-from services.stage import CodecStage, from_array
+from services.stage import CodecStage, from_array, traced
 
 
 class _H264Encoder:
@@ -60,9 +62,11 @@ class Egress(CodecStage):
     part = "decoder"
     model_parts = ("vae",)
 
-    async def decode(self, session_id: str, edited, final: bool = False, frames_in: int = 0,
+    @traced
+    async def decode(self, session_id: str, edited, final: bool = False, frames_in: int = 0, replay: bool = False,
                      route: Route | None = None):  # fmt: skip
-        """Edited latents (array or None) -> Reply(value=uint8 frames or H.264 bytes, extra count=n)."""
+        """Edited latents (array or None) -> Reply(value=uint8 frames or H.264 bytes, extra count=n).
+        replay=True: the client already has these frames (crash resume): value None, nothing encoded."""
         t0 = time.perf_counter()
         state = self._state(session_id)
 
@@ -70,6 +74,8 @@ class Egress(CodecStage):
             if final:
                 state.cursor.frames_in = frames_in
             frames = self.editor.decode(state, from_array(edited), final=final)
+            if replay:
+                return None, frames.shape[0]
             if session_id not in self.h264:
                 return frames, frames.shape[0]
             enc = self.codecs.get(session_id)

@@ -1,4 +1,4 @@
-"""Generator deployment: the streaming DiT. Owns the DiT part of each session's state; checkpoints it.
+"""Generator deployment: the streaming DiT. Owns the DiT part of each session's state (and of its checkpoints).
 
 Per session: the DiT cache (GDN states, softmax K/V window, FFN context), the prompt embeddings in use, the
 source latents waiting for a full chunk and the cursor (`StreamingEditor.open_part(..., "generator")`).
@@ -8,10 +8,10 @@ call that arrives while a batch runs joins the next one (one call per session: a
 sequential), and the batch runs as one `StreamingEditor.generate_batch`, where compatible chunks of different
 sessions share their DiT forwards (`engine.step.ChunkRunner`).
 
-Checkpoints: every `checkpoint_every` finished chunks (0 = never) the reply carries a SessionSnapshot of the
-session's DiT part (bytes and milliseconds in `extra`); the gateway stores it with the replay log of source
-latents sent since, so a session whose Generator replica dies resumes elsewhere recomputing at most
-`checkpoint_every` chunks. Contents are configurable by cadence only for now: the snapshot is the whole DiT part.
+Checkpoints: the gateway takes them, as one cut across the stateful stages (`export(drop=False)` here, in
+Ingest and in Egress after the same request; services/recovery.py says what a cut holds and when it is taken).
+This replica's part of a cut is the whole DiT part of the SessionState: GDN states, softmax K/V window, FFN
+temporal context, prompt embeddings, source latents waiting for a full chunk, cursor.
 Non-goals: admission control by capacity (later), CUDA graphs (engine).
 """
 
@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from ray import serve
 
 from services.routing import ROUTER_PATH, Route
-from services.stage import EngineSpec, Reply, StatefulStage, from_array, to_array
-from services.wire import wrap_snapshot
+from services.stage import EngineSpec, Reply, StatefulStage, from_array, to_array, traced
 
 
 @dataclass
@@ -36,8 +35,6 @@ class GenerateCall:
     prompt: str | None = None
     """A new instruction (with its `text` conditioning), effective from the next chunk."""
     text: dict | None = None
-    replay: bool = False
-    """Recomputing after a resume: no checkpoint is taken."""
 
 
 def _chunk_sizes(start: int, produced: int, state) -> list[int]:
@@ -61,21 +58,17 @@ class Generator(StatefulStage):
     part = "generator"
     model_parts = ("dit",)
 
-    def __init__(self, spec: EngineSpec, checkpoint_every: int = 0) -> None:
+    def __init__(self, spec: EngineSpec) -> None:
         super().__init__(spec)
-        self.checkpoint_every = checkpoint_every
-        self.last_ckpt: dict[str, int] = {}
         self.batch_sizes: list[int] = []
 
+    @traced
     async def open(self, session_id: str, settings: dict, text: dict, route: Route | None = None) -> Reply:
         t0 = time.perf_counter()
-        state = self._open_state(session_id, settings, text={k: from_array(v) for k, v in text.items()})
-        self.last_ckpt[session_id] = 0
-        extra = {}
-        if self.checkpoint_every:  # the chunk-0 checkpoint: a session can resume before its first real one
-            extra["checkpoint"] = wrap_snapshot(state, session_id, self.stage)
-        return self._reply(t0, self.replica_id, **extra)
+        self._open_state(session_id, settings, text={k: from_array(v) for k, v in text.items()})
+        return self._reply(t0, self.replica_id)
 
+    @traced
     async def generate(self, call: GenerateCall, route: Route | None = None) -> Reply:
         """Source latents in -> Reply(value=edited latents of the chunks they completed, or None)."""
         self._state(call.session_id)  # fail fast (and record affinity) before queueing
@@ -98,30 +91,14 @@ class Generator(StatefulStage):
         outs = self.editor.generate_batch([(st, from_array(c.latents), c.final) for c, st in zip(calls, states)])
         ms = (time.perf_counter() - t0) * 1e3
         replies = []
-        for call, state, edited, n0 in zip(calls, states, outs, before):
+        for state, edited, n0 in zip(states, outs, before):
             extra: dict = {
                 "latents_generated": state.cursor.latents_generated,
                 "batch": len(calls),
                 "chunks": 0 if edited is None else len(_chunk_sizes(n0, edited.shape[2], state)),
             }
-            every, done = self.checkpoint_every, state.dit.chunk_index
-            if every and not call.final and not call.replay and done // every > self.last_ckpt.get(call.session_id, 0):
-                c0 = time.perf_counter()
-                extra["checkpoint"] = wrap_snapshot(state, call.session_id, self.stage)
-                extra["checkpoint_ms"] = (time.perf_counter() - c0) * 1e3
-                extra["checkpoint_bytes"] = len(extra["checkpoint"])
-                self.last_ckpt[call.session_id] = done // every
             replies.append(Reply(self.replica_id, ms, to_array(edited), extra))
         return replies
-
-    def _adopt_extra(self, session_id: str, extra: dict) -> None:
-        every = self.checkpoint_every
-        state = self.sessions[session_id]
-        self.last_ckpt[session_id] = state.dit.chunk_index // every if every else 0
-
-    def _forget(self, session_id: str) -> None:
-        super()._forget(session_id)
-        self.last_ckpt.pop(session_id, None)
 
     async def info(self, route: Route | None = None) -> dict:
         out = await super().info(route)

@@ -30,10 +30,12 @@ ROUTER_PATH = "services.routing.SessionRouter"
 
 @dataclass(frozen=True)
 class Route:
-    """Placement hint for one call: `to` = replica unique id to use if alive; `avoid` = ids not to pick."""
+    """Placement hint for one call: `to` = replica unique id to use if alive; `avoid` = ids not to pick.
+    `trace`: the caller's span as a W3C carrier (services/telemetry.py); the router ignores it."""
 
     to: str = ""
     avoid: tuple[str, ...] = ()
+    trace: tuple[tuple[str, str], ...] = ()
 
 
 class SessionRouter(ConsistentHashRouter):

@@ -2,8 +2,9 @@
 
 A stage replica holds, per session, a `SessionState` with only its own part filled (`StreamingEditor.open_part`):
 the VAE encoder cache in Ingest, the DiT cache + prompt embeddings in Generator, the VAE decoder context in
-Egress. It can hand a session over (`export`: SessionSnapshot bytes, session dropped) and take one in
-(`adopt`), which is how migration and crash resume move sessions. Every call records which session it served,
+Egress. It can hand a session over (`export`: SessionSnapshot bytes; dropped for migration, kept for the
+gateway's checkpoint cuts) and take one in (`adopt`, replacing whatever the replica held for that session),
+which is how migration and crash resume move sessions. Every call records which session it served,
 so tests (and operators) can check affinity. Model compute runs on one worker thread per replica, off the
 event loop, so health checks and routing stay responsive while a chunk runs.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ import torch
 
 from engine.pipeline import Engine, StreamingEditor, preset_for_mode
 from engine.session import SessionSettings, SessionState
+from services import telemetry
 from services.wire import unwrap_snapshot, wrap_snapshot
 
 if TYPE_CHECKING:
@@ -108,6 +111,22 @@ def from_array(a: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))  # a copy: object store is RO
 
 
+def traced(fn):
+    """A span `{stage}.{method}` around a stage method, child of the caller's span (`route.trace`), with the
+    session id (the first argument, or its `.session_id`)."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args, route: Route | None = None, **kw):
+        first = args[0] if args else None
+        sid = first if isinstance(first, str) else getattr(first, "session_id", None)
+        with telemetry.span(f"{self.stage}.{name}", getattr(route, "trace", None), session_id=sid,
+                            sana_stage=self.stage, replica_id=self.replica_id):  # fmt: skip
+            return await fn(self, *args, route=route, **kw)
+
+    return wrapper
+
+
 @dataclass
 class Reply:
     """What every stage call returns: who served it, how long the work took inside the replica, the value."""
@@ -130,6 +149,7 @@ class StatefulStage:
 
         if spec.torch_threads:
             torch.set_num_threads(spec.torch_threads)
+        telemetry.setup(self.stage)
         self.spec = spec
         self.engine = build_engine(spec, self.model_parts)
         self.editor = StreamingEditor(self.engine)
@@ -164,7 +184,11 @@ class StatefulStage:
         """Stage-specific small state to carry in SessionSnapshot.extra (JSON)."""
         return {}
 
-    def _adopt_extra(self, session_id: str, extra: dict) -> None:
+    def _codec_state(self, session_id: str) -> bytes:
+        """Bytes that rebuild the session's codec on adopt (SessionSnapshot.codec_state); b"": none."""
+        return b""
+
+    def _adopt_extra(self, session_id: str, extra: dict, codec_state: bytes = b"") -> None:
         pass
 
     def _forget(self, session_id: str) -> None:
@@ -172,24 +196,29 @@ class StatefulStage:
 
     # --- session hand-over ------------------------------------------------------------------------------------
 
+    @traced
     async def export(self, session_id: str, drop: bool = True, route: Route | None = None) -> Reply:
         """SessionSnapshot bytes of this stage's part; with drop=True the replica forgets the session."""
         t0 = time.perf_counter()
         state = self._state(session_id)
-        blob = await self._compute(wrap_snapshot, state, session_id, self.stage, self._extra_snapshot(session_id))
+        blob = await self._compute(wrap_snapshot, state, session_id, self.stage, self._extra_snapshot(session_id),
+                                   self._codec_state(session_id))  # fmt: skip
         if drop:
             self._forget(session_id)
         return self._reply(t0, blob, bytes=len(blob))
 
+    @traced
     async def adopt(self, blob: bytes, route: Route | None = None) -> Reply:
-        """Take a session over from a SessionSnapshot (migration, resume); returns this replica's id."""
+        """Take a session over from a SessionSnapshot (migration, resume); returns this replica's id. A session
+        the replica already holds is replaced (crash resume rolls the surviving stages back to the same cut)."""
         import json
 
         t0 = time.perf_counter()
         msg = unwrap_snapshot(blob, self.stage)
         state = await self._compute(self.editor.restore, msg.engine_state)
+        self._forget(msg.session_id)
         self.sessions[msg.session_id] = state
-        self._adopt_extra(msg.session_id, json.loads(msg.extra or b"{}"))
+        self._adopt_extra(msg.session_id, json.loads(msg.extra or b"{}"), bytes(msg.codec_state))
         self.served[msg.session_id] += 1
         return self._reply(t0, msg.session_id)
 
@@ -208,19 +237,25 @@ class StatefulStage:
             "state_bytes": {k: v.nbytes()["total"] for k, v in self.sessions.items()},
         }
 
+    async def spans(self, clear: bool = False, route: Route | None = None) -> list[dict]:
+        """Finished spans of this replica (OTEL_TRACES_EXPORTER=memory; tests)."""
+        return telemetry.finished_spans(clear)
+
     async def check_health(self) -> None:  # Ray Serve health check: the compute thread must be alive
         pass
 
 
 class CodecStage(StatefulStage):
     """Ingest and Egress: stages whose sessions may carry H.264 instead of raw frames, with a per-session codec
-    (decoder in, encoder out) created on first use. The codec itself does not migrate; the H.264 flag does."""
+    (decoder in, encoder out) created on first use. The H.264 flag migrates; a codec cannot be serialised, so the
+    Ingest carries resync bytes instead (`_codec_state`) and the Egress starts a new encoder."""
 
     def __init__(self, spec: EngineSpec) -> None:
         super().__init__(spec)
         self.codecs: dict[str, Any] = {}
         self.h264: set[str] = set()
 
+    @traced
     async def open(self, session_id: str, settings: dict, h264: bool, route: Route | None = None):
         t0 = time.perf_counter()
         self._open_state(session_id, settings)
@@ -231,7 +266,7 @@ class CodecStage(StatefulStage):
     def _extra_snapshot(self, session_id: str) -> dict:
         return {"h264": session_id in self.h264}
 
-    def _adopt_extra(self, session_id: str, extra: dict) -> None:
+    def _adopt_extra(self, session_id: str, extra: dict, codec_state: bytes = b"") -> None:
         if extra.get("h264"):
             self.h264.add(session_id)
 

@@ -5,12 +5,15 @@ every behaviour against both. What lives here:
 
     session records   session -> tenant, status, replicas per stage, next sequence number, frames in/out,
                       created / last-seen (from an injectable clock), the resume token's hash
-    checkpoints       the last Generator SessionSnapshot of a session (+ the latent frames it covers)
-    replay log        source-latent LatentChunk messages sent to the Generator since that checkpoint
+    checkpoints       the last checkpoint cut of a session: one SessionSnapshot per checkpointed stage, all
+                      taken after the same request, plus JSON metadata (services/recovery.py)
+    replay log        the requests processed since that cut, as the first checkpointed stage's input
+                      (FramesIn or LatentChunk bytes); writing a cut empties it in the same transaction
     draining          replica ids per stage that take no new sessions and are being emptied
 
-Redis layout (prefix `sana:`): hash `session:{id}`, set `sessions`, hash `ckpt:{id}` (blob, latents), list
-`replay:{id}`, set `draining:{stage}`.
+Redis layout (prefix `sana:`): hash `session:{id}`, set `sessions`, hash `ckpt:{id}` (field `meta`: JSON;
+fields `{stage}:{i}`: the stage's snapshot cut into pieces of at most `piece_bytes`, because a Redis string
+holds at most 512 MB and the 2B Ingest snapshot alone is ~941 MB), list `replay:{id}`, set `draining:{stage}`.
 
 Non-goals: the job queue (a later issue), tenants' keys and quotas (records only carry the tenant name).
 """
@@ -43,8 +46,8 @@ class SessionRecord:
     """stage -> replica unique id holding the session's part."""
     frames_in: int = 0
     frames_out: int = 0
-    latents_forwarded: int = 0
-    """Edited latent frames the Generator produced that went on to Egress (replay skips these)."""
+    cut_chunks: int = 0
+    """Chunks finished since the last checkpoint cut (services/recovery.py)."""
     prompt: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     output_format: int = 0
@@ -54,7 +57,8 @@ class SessionRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SessionRecord:
-        return cls(**json.loads(text))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})  # records of older builds load
 
 
 class SessionStore(Protocol):
@@ -66,8 +70,8 @@ class SessionStore(Protocol):
     async def delete(self, session_id: str) -> None: ...
     async def list(self) -> list[SessionRecord]: ...
     async def idle(self, timeout_s: float) -> list[SessionRecord]: ...
-    async def put_checkpoint(self, session_id: str, blob: bytes, latents: int) -> None: ...
-    async def get_checkpoint(self, session_id: str) -> tuple[bytes, int] | None: ...
+    async def put_checkpoint(self, session_id: str, parts: dict[str, bytes], meta: dict) -> None: ...
+    async def get_checkpoint(self, session_id: str) -> tuple[dict[str, bytes], dict] | None: ...
     async def append_replay(self, session_id: str, blob: bytes) -> None: ...
     async def get_replay(self, session_id: str) -> list[bytes]: ...
     async def set_draining(self, stage: str, replica_id: str, on: bool = True) -> None: ...
@@ -87,7 +91,7 @@ class MemoryStore:
     def __init__(self, clock: Clock = time.time) -> None:
         self.clock = clock
         self._sessions: dict[str, str] = {}
-        self._ckpt: dict[str, tuple[bytes, int]] = {}
+        self._ckpt: dict[str, tuple[dict[str, bytes], str]] = {}
         self._replay: dict[str, list[bytes]] = {}
         self._draining: dict[str, set[str]] = {}
 
@@ -117,12 +121,13 @@ class MemoryStore:
         now = self.clock()
         return [r for r in await self.list() if _is_idle(r, now, timeout_s)]
 
-    async def put_checkpoint(self, session_id: str, blob: bytes, latents: int) -> None:
-        self._ckpt[session_id] = (blob, latents)
+    async def put_checkpoint(self, session_id: str, parts: dict[str, bytes], meta: dict) -> None:
+        self._ckpt[session_id] = (dict(parts), json.dumps(meta, sort_keys=True))
         self._replay[session_id] = []
 
-    async def get_checkpoint(self, session_id: str) -> tuple[bytes, int] | None:
-        return self._ckpt.get(session_id)
+    async def get_checkpoint(self, session_id: str) -> tuple[dict[str, bytes], dict] | None:
+        got = self._ckpt.get(session_id)
+        return None if got is None else (dict(got[0]), json.loads(got[1]))
 
     async def append_replay(self, session_id: str, blob: bytes) -> None:
         self._replay.setdefault(session_id, []).append(blob)
@@ -144,12 +149,14 @@ class MemoryStore:
 class RedisStore:
     """The same store in Redis (redis-py asyncio), shared by every gateway replica."""
 
-    def __init__(self, url: str, clock: Clock = time.time, prefix: str = "sana:") -> None:
+    def __init__(self, url: str, clock: Clock = time.time, prefix: str = "sana:", piece_bytes: int = 256 << 20) -> None:
         import redis.asyncio as aioredis
 
         self.clock = clock
         self.url = url
         self.p = prefix
+        self.piece_bytes = piece_bytes
+        """Largest Redis value a checkpoint blob is cut into (Redis strings stop at 512 MB)."""
         self.r = aioredis.from_url(url)
 
     async def create(self, rec: SessionRecord) -> None:
@@ -185,17 +192,29 @@ class RedisStore:
         now = self.clock()
         return [r for r in await self.list() if _is_idle(r, now, timeout_s)]
 
-    async def put_checkpoint(self, session_id: str, blob: bytes, latents: int) -> None:
+    async def put_checkpoint(self, session_id: str, parts: dict[str, bytes], meta: dict) -> None:
+        key = f"{self.p}ckpt:{session_id}"
+        n = self.piece_bytes
+        fields: dict[str, bytes | str] = {"meta": json.dumps({**meta, "_pieces": {
+            name: max(1, -(-len(blob) // n)) for name, blob in parts.items()}}, sort_keys=True)}  # fmt: skip
+        for name, blob in parts.items():
+            view = memoryview(blob)
+            for i in range(max(1, -(-len(blob) // n))):
+                fields[f"{name}:{i}"] = bytes(view[i * n : (i + 1) * n])
         async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(f"{self.p}ckpt:{session_id}", mapping={"blob": blob, "latents": latents})
+            pipe.delete(key)  # a cut replaces the previous one whole (no stale pieces)
+            pipe.hset(key, mapping=fields)
             pipe.delete(f"{self.p}replay:{session_id}")
             await pipe.execute()
 
-    async def get_checkpoint(self, session_id: str) -> tuple[bytes, int] | None:
-        got = await self.r.hgetall(f"{self.p}ckpt:{session_id}")
+    async def get_checkpoint(self, session_id: str) -> tuple[dict[str, bytes], dict] | None:
+        got = await self.r.hgetall(f"{self.p}ckpt:{session_id}")  # one command: one consistent cut
         if not got:
             return None
-        return got[b"blob"], int(got[b"latents"])
+        meta = json.loads(got[b"meta"])
+        pieces = meta.pop("_pieces")
+        parts = {name: b"".join(got[f"{name}:{i}".encode()] for i in range(count)) for name, count in pieces.items()}
+        return parts, meta
 
     async def append_replay(self, session_id: str, blob: bytes) -> None:
         await self.r.rpush(f"{self.p}replay:{session_id}", blob)

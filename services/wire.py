@@ -6,7 +6,9 @@ Non-goals: transport (gateway.py), policy (what a tenant may ask for).
 
 The generated code lives in proto/videoedit/v1/ (DESIGN.md) but is imported as `videoedit.v1`: a top-level
 package named `proto` already exists in most environments (proto-plus, pulled in by google-api-core via
-ray[serve]), so `proto/` is deliberately not a Python package and its folder is put on sys.path here instead.
+ray[serve]), so `proto/` is deliberately not a Python package. An installed sana-stream (wheel or `pip install
+-e .`) ships it as the top-level package `videoedit` (pyproject.toml maps `videoedit` to proto/videoedit); in a
+source checkout, proto/ goes first on sys.path here (only when it is this repository's folder).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np
 import torch
 
 PROTO_ROOT = Path(__file__).resolve().parents[1] / "proto"
-if str(PROTO_ROOT) not in sys.path:
-    sys.path.append(str(PROTO_ROOT))
+if (PROTO_ROOT / "videoedit" / "v1" / "edit.proto").is_file() and str(PROTO_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROTO_ROOT))  # a source checkout wins (in site-packages `proto` is proto-plus: skipped)
 
 from videoedit.v1 import edit_pb2 as pb  # noqa: E402
 from videoedit.v1 import edit_pb2_grpc as pb_grpc  # noqa: E402
@@ -65,6 +67,27 @@ def settings_from_open(msg: pb.SessionOpen, defaults) -> SessionSettings:
         "total_frames": int(msg.total_frames) if msg.HasField("total_frames") else None,
     }
     return SessionSettings(**kw)
+
+
+def bidirectional_settings_from_open(msg: pb.SessionOpen, defaults) -> SessionSettings:
+    """SessionOpen of a bidirectional_short session -> SessionSettings, with the defaults of
+    `sana-stream edit --mode bidirectional_short` (50 steps, CFG 6, the release's negative prompt, the prompt
+    suffix " motion score: N." with N = motion_score, 10 when unset); `defaults`: the bidirectional preset."""
+    import dataclasses
+
+    from engine.cli import MODE_DEFAULTS
+    from engine.sampler import DEFAULT_NEGATIVE_PROMPT, bidirectional_prompt
+
+    md = MODE_DEFAULTS["bidirectional_short"]
+    s = settings_from_open(msg, defaults)
+    motion = int(msg.motion_score) if msg.HasField("motion_score") else 10
+    return dataclasses.replace(
+        s,
+        prompt=bidirectional_prompt(msg.prompt, motion) if msg.prompt.strip() else "",
+        negative_prompt=msg.negative_prompt if msg.HasField("negative_prompt") else DEFAULT_NEGATIVE_PROMPT,
+        steps=int(msg.steps) or int(md["step"]),
+        cfg_scale=float(msg.cfg_scale) or float(md["cfg_scale"]),
+    )
 
 
 def settings_to_dict(s: SessionSettings) -> dict:
@@ -128,7 +151,9 @@ def latents_from_proto(msg: pb.LatentChunk) -> torch.Tensor:
 # --- snapshots ---------------------------------------------------------------------------------------------------
 
 
-def wrap_snapshot(state: SessionState, session_id: str, stage: str, extra: dict | None = None) -> bytes:
+def wrap_snapshot(
+    state: SessionState, session_id: str, stage: str, extra: dict | None = None, codec_state: bytes = b""
+) -> bytes:
     """A stage's SessionState -> serialized SessionSnapshot (the engine's bytes plus who/what/where)."""
     if stage not in STAGES:
         raise WireError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
@@ -145,6 +170,7 @@ def wrap_snapshot(state: SessionState, session_id: str, stage: str, extra: dict 
         frames_in=state.cursor.frames_in,
         created_unix=time.time(),
         extra=json.dumps(extra or {}, sort_keys=True).encode(),
+        codec_state=codec_state,
     )
     return msg.SerializeToString()
 
@@ -168,6 +194,7 @@ def unwrap_snapshot(data: bytes, stage: str | None = None) -> pb.SessionSnapshot
 __all__ = [
     "MODES",
     "STAGES",
+    "bidirectional_settings_from_open",
     "WIRE_VERSION",
     "WireError",
     "frames_to_rgb24",

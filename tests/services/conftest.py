@@ -1,5 +1,5 @@
 """Fixtures for the services tests: a real redis-server, one Ray instance with the whole app (2 replicas per
-stateful stage) for the test session, and engine references computed in-process.
+stateful stage, tracing to in-memory exporters) for the test session, and engine references computed in-process.
 
 Every stage replica runs torch with 1 intra-op thread; the references here do too, because CPU kernels reduce
 in a thread-count-dependent order and we compare bit for bit.
@@ -61,8 +61,9 @@ def cluster(redis_url):
     from services.stage import EngineSpec
 
     port = free_port()
+    # OTEL_TRACES_EXPORTER=memory: every replica keeps its finished spans (test_tracing.py reads them)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OTEL_TRACES_EXPORTER": "memory"}})  # fmt: skip
     cfg = AppConfig(
         grpc_port=port,
         redis_url=redis_url,

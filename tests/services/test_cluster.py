@@ -151,27 +151,59 @@ def test_migration_on_drain_is_invisible(client, clip, ref):
             client.drain(stage, old, undo=True)
 
 
-def test_resume_after_generator_replica_is_killed(client, clip, ref):
+def stream_killing(client, clip, stage: str, after: int, **stream_kw):
+    """Stream the clip (by default in requests of 8 frames) and `ray.kill` the session's `stage` replica once the
+    response to request `after` arrived (the client sends ahead of the responses, so it waits for that one)."""
     import ray
 
-    killed = {}
+    killed, sid, answered = {}, [], threading.Event()
+
+    def on_response(r):
+        sid.append(r.session_id)
+        if r.WhichOneof("kind") == "frames" and r.frames.seq == after:
+            answered.set()
 
     def between(seq):
-        if seq == 2 and sid:
-            uid = client.get_session(sid[0]).replicas["generator"]
-            ray.kill(ray.get_actor(replica_names("generator")[uid], namespace="serve"), no_restart=True)
+        if seq == after + 1:
+            assert answered.wait(120)
+            uid = client.get_session(sid[0]).replicas[stage]
+            ray.kill(ray.get_actor(replica_names(stage)[uid], namespace="serve"), no_restart=True)
             killed["uid"] = uid
 
-    sid: list[str] = []
-    res = client.stream(clip, PROMPT, total_frames=len(clip), chunk_frames=8, between=between,
-                        on_response=lambda r: sid.append(r.session_id) if not sid else None)  # fmt: skip
+    kw = {"total_frames": len(clip), "chunk_frames": 8} if clip is not None else {}
+    res = client.stream(clip, PROMPT, between=between, on_response=on_response, **{**kw, **stream_kw})
     assert killed
-    assert np.array_equal(res.frames, ref)
     seqs = [r.seq for r in res.responses]
-    assert seqs == list(range(len(seqs)))
-    assert client.get_session(res.session_id).replicas["generator"] != killed["uid"]
-    # checkpoint_every=1: nothing but the chunk in flight may be recomputed
-    assert sum(r.timings.recomputed_chunks for r in res.responses) <= 1
+    assert seqs == list(range(len(seqs)))  # every request answered once, in order
+    firsts = [r.first_frame for r in res.responses]
+    assert firsts == sorted(firsts) and res.finished.frames_out == res.finished.frames_in
+    assert client.get_session(res.session_id).replicas[stage] != killed["uid"]
+    return res
+
+
+def test_resume_after_generator_replica_is_killed(client, clip, ref):
+    res = stream_killing(client, clip, "generator", after=1)
+    assert np.array_equal(res.frames, ref) and len(res.responses) == 9  # 8 frames requests + end
+    # the cut taken at open; requests 0 and 1 replayed, then request 2 (the one that found the replica dead) ran
+    assert [r.timings.replayed_requests for r in res.responses] == [0, 0, 2, 0, 0, 0, 0, 0, 0]
+    assert sum(r.timings.recomputed_chunks for r in res.responses) == 0
+
+
+@pytest.mark.parametrize("stage", ["ingest", "egress"])
+def test_resume_after_ingest_or_egress_replica_is_killed(client, clip, ref, stage):
+    """Every stateful stage is in the checkpoint cut: killing the Ingest (VAE encoder cache) or the Egress (VAE
+    decoder context) replica mid-stream rolls all three stages back to the last cut (taken after request 4, where
+    chunk 0 finished), replays the requests since and runs the interrupted one again: nothing else changes."""
+    res = stream_killing(client, clip, stage, after=5)
+    assert np.array_equal(res.frames, ref) and len(res.responses) == 9
+    cuts = [r.seq for r in res.responses if r.timings.checkpoint_bytes]
+    assert cuts == [4, 7], cuts  # checkpoint_every=1: a cut after each request that finished a chunk
+    replayed = [r.timings.replayed_requests for r in res.responses]
+    recomputed = sum(r.timings.recomputed_chunks for r in res.responses)
+    if stage == "ingest":  # request 6 finds it dead: request 5 is replayed
+        assert replayed == [0] * 6 + [1, 0, 0] and recomputed == 0
+    else:  # request 6 does not reach the egress (no chunk finished); request 7 finished chunk 1, then found it dead
+        assert replayed == [0] * 7 + [2, 0] and recomputed == 1
 
 
 def test_h264_in_and_out(client, clip):
@@ -196,6 +228,42 @@ def test_h264_in_and_out(client, clip):
     assert all(r.format == pb.FRAME_FORMAT_H264_ANNEXB for r in res.responses)
     out = _H264Decoder(H, W).push(res.h264, final=True)
     assert out.shape == (25, H, W, 3)
+
+
+def h264_stream(frames, **options) -> bytes:
+    import av
+
+    enc = av.CodecContext.create("libx264", "w")
+    enc.width, enc.height, enc.pix_fmt = W, H, "yuv420p"
+    enc.options = {"preset": "ultrafast", "tune": "zerolatency", **options}
+    data = bytearray()
+    for i, f in enumerate(frames):
+        vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+        vf.pts = i
+        for p in enc.encode(vf):
+            data += bytes(p)
+    for p in enc.encode(None):
+        data += bytes(p)
+    return bytes(data)
+
+
+def test_h264_session_resumes_after_ingest_is_killed(client, clip):
+    """H.264 in and out through a crash: the restored Ingest rebuilds its decoder from the resync bytes in the cut
+    (the stream has an IDR every 8 frames), the Egress replays without encoding and restarts its encoder."""
+    from services.ingest import _H264Decoder
+    from services.wire import pb
+
+    data = h264_stream(clip, g="8")  # 57 frames, 20 requests of 3000 bytes
+    kw = {"h264": data, "h264_chunk_bytes": 3000, "height": H, "width": W}
+    solo = client.stream(None, PROMPT, output_format=pb.FRAME_FORMAT_RGB24, **kw).frames  # exact edited frames
+    # chunk 1 (frame 40) finishes by request 14, which releases the first 25 edited frames: a cut, and the
+    # egress's first encoder has sent them; the kill comes two requests later
+    res = stream_killing(client, None, "ingest", after=15, **kw)
+    assert res.h264.count(b"\x00\x00\x01\x67") == 2  # the encoder restarted (new SPS + IDR) after the recovery
+    out = _H264Decoder(H, W).push(res.h264, final=True)
+    assert out.shape == solo.shape == (57, H, W, 3)
+    diff = np.abs(out.astype(np.int16) - solo.astype(np.int16)).mean(axis=(1, 2, 3))
+    assert diff.max() < 4.0, diff  # H.264 (CRF 18) loss only: the edit saw the same frames
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
@@ -298,3 +366,81 @@ def test_health_and_reflection(cluster):
         resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in resp.list_services_response.service}
         assert {"videoedit.v1.EditService", "grpc.health.v1.Health"} <= names
+
+
+# --- bidirectional_short -----------------------------------------------------------------------------------------
+
+
+def bidirectional_reference(frames, prompt, seed, steps):
+    """`sana-stream edit --mode bidirectional_short` on the engine: its defaults (CFG 6, the release's negative
+    prompt, motion score 10), the tiny preset's bidirectional DiT, 1 torch thread like the replicas."""
+    import torch
+
+    from engine.cli import MODE_DEFAULTS
+    from engine.pipeline import Engine, edit_bidirectional
+    from engine.sampler import DEFAULT_NEGATIVE_PROMPT, bidirectional_prompt
+    from engine.session import SessionSettings
+
+    engine = Engine.load("tiny", mode="bidirectional_short", seed=0)
+    s = SessionSettings(prompt=bidirectional_prompt(prompt, 10), negative_prompt=DEFAULT_NEGATIVE_PROMPT, seed=seed,
+                        steps=steps, cfg_scale=MODE_DEFAULTS["bidirectional_short"]["cfg_scale"],
+                        flow_shift=engine.preset.flow_shift, height=H, width=W, total_frames=len(frames))  # fmt: skip
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return edit_bidirectional(engine, frames, s)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_bidirectional_short_equals_engine(client, clip):
+    from services.wire import pb
+
+    frames = clip[:45]  # 45 frames of 73.7 KB: over the fixture's 3 MB message limit, so sent back as 41 + 4
+    want = bidirectional_reference(frames, PROMPT, seed=3, steps=12)
+    bidi = {"mode": pb.EDIT_MODE_BIDIRECTIONAL_SHORT, "seed": 3, "steps": 12}
+    # the clip's length declared: the edit runs when its last frame arrives and answers that request (seq 5)
+    res = client.stream(frames, PROMPT, chunk_frames=8, total_frames=len(frames), **bidi)
+    assert np.array_equal(res.frames, want)
+    out = [(r.seq, r.first_frame, r.count) for r in res.responses]
+    assert out == [(i, 0, 0) for i in range(5)] + [(5, 0, 41), (5, 41, 4), (6, 45, 0)]
+    assert res.finished.frames_out == 45 and res.finished.chunks == 1
+    # no length given: the edit runs at `end` (seq 6)
+    res = client.stream(frames, PROMPT, chunk_frames=8, **bidi)
+    assert np.array_equal(res.frames, want)
+    out = [(r.seq, r.first_frame, r.count) for r in res.responses]
+    assert out == [(i, 0, 0) for i in range(6)] + [(6, 0, 41), (6, 41, 4)]
+    assert client.get_session(res.session_id).status == "finished"
+
+
+def test_bidirectional_short_bad_inputs(cluster, client, clip):
+    from services.client import frames_request, open_request
+    from services.wire import pb
+
+    bidi = pb.EDIT_MODE_BIDIRECTIONAL_SHORT
+    op = open_request(PROMPT, H, W, mode=bidi)
+    cases = {
+        "too many frames": ([op, frames_request(0, clip[:40]), frames_request(1, clip[40:50])],
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            "frames request seq 1 brings the clip to 50 frames: mode bidirectional_short edits clips "
+                            "of at most 49 frames (the tiny bidirectional model's clip length); 9 more fit"),
+        "total too long": ([open_request(PROMPT, H, W, mode=bidi, total_frames=50)], grpc.StatusCode.INVALID_ARGUMENT,
+                           "total_frames=50: mode bidirectional_short edits clips of at most 49 frames"),
+        "over total": ([open_request(PROMPT, H, W, mode=bidi, total_frames=5), frames_request(0, clip[:8])],
+                       grpc.StatusCode.INVALID_ARGUMENT, "more than its total_frames=5"),
+        "prompt change": ([op, frames_request(0, clip[:8], prompt="other")], grpc.StatusCode.INVALID_ARGUMENT,
+                          "changes the prompt"),
+        "h264": ([open_request(PROMPT, H, W, mode=bidi, input_format=pb.FRAME_FORMAT_H264_ANNEXB)],
+                 grpc.StatusCode.INVALID_ARGUMENT, "takes and returns RGB24"),
+        "empty": ([op, pb.StreamEditRequest(end=pb.EndOfInput(seq=0))], grpc.StatusCode.INVALID_ARGUMENT,
+                  "the clip is empty"),
+    }  # fmt: skip
+    for name, (reqs, code, text) in cases.items():
+        err = _fail(client, reqs)
+        assert err.code() == code, (name, err.code(), err.details())
+        assert text in err.details(), (name, err.details())
+    # a disconnected bidirectional session cannot be resumed (its clip was in the call)
+    first = list(client.call(iter([op, frames_request(0, clip[:8])])))
+    err = _fail(client, [pb.StreamEditRequest(open=pb.SessionOpen(session_id=first[0].session_id,
+                                                                  resume_token=first[0].resume_token))])  # fmt: skip
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()

@@ -25,7 +25,8 @@ def store(request):
     else:
         import uuid
 
-        s = RedisStore(request.getfixturevalue("redis_url"), clock, prefix=f"t{uuid.uuid4().hex[:8]}:")
+        # 3-byte pieces: checkpoint blobs are cut into several Redis values and put back together
+        s = RedisStore(request.getfixturevalue("redis_url"), clock, prefix=f"t{uuid.uuid4().hex[:8]}:", piece_bytes=3)
     yield s, clock
     asyncio.run(s.close()) if request.param == "memory" else None
 
@@ -49,11 +50,13 @@ def test_records_idle_reaping_checkpoints_replay_draining(store):
         assert [r.session_id for r in await s.idle(3.0)] == ["b"]  # b last seen at 1000
         clock.now = 1010.0
         assert sorted(r.session_id for r in await s.idle(3.0)) == ["a", "b"]
-        await s.put_checkpoint("a", b"ck1", 5)
+        cut = {"ingest": b"ingest-part", "generator": b"gen", "egress": b""}
+        await s.put_checkpoint("a", cut, {"next_seq": 5})
         await s.append_replay("a", b"x")
         await s.append_replay("a", b"y")
-        assert await s.get_checkpoint("a") == (b"ck1", 5) and await s.get_replay("a") == [b"x", b"y"]
-        await s.put_checkpoint("a", b"ck2", 8)
+        assert await s.get_checkpoint("a") == (cut, {"next_seq": 5}) and await s.get_replay("a") == [b"x", b"y"]
+        await s.put_checkpoint("a", {"generator": b"g2"}, {"next_seq": 8})  # replaces the whole cut, empties the log
+        assert await s.get_checkpoint("a") == ({"generator": b"g2"}, {"next_seq": 8})
         assert await s.get_replay("a") == []
         await s.set_draining("generator", "r1")
         assert await s.draining("generator") == {"r1"}
