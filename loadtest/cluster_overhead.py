@@ -11,8 +11,10 @@ same number of torch threads per model process. Reported per request (mean over 
 warm-up stream): engine_ms (StreamingEditor.push in this process), cluster_ms (gateway: request in -> out),
 inside_ms (time inside the stage replicas), gateway_ms (what the gateway reports outside the replicas), and
 overhead_ms = cluster_ms - inside_ms. `--no-cluster` measures only the engine and the snapshots (a machine
-without Ray; grpcio + protobuf are still needed for the snapshot message). Non-goals: many concurrent sessions
-(capacity), H.264 transport.
+without Ray; grpcio + protobuf are still needed for the snapshot message). The engine side reaches `--out` before
+the cluster starts; a cluster side that fails is recorded there as `cluster_error` (exit 1). The lent GPU machine
+has no Ray: `loadtest/device_site.sh` builds what travels there (loadtest/results/README.md has the calls).
+Non-goals: many concurrent sessions (capacity), H.264 transport.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def engine_side(args, spec, clip) -> dict:
     from services.stage import build_engine
     from services.wire import wrap_snapshot
 
+    t_build = time.perf_counter()
     editor = StreamingEditor(build_engine(spec, ("dit", "vae", "text")))
+    build_s = time.perf_counter() - t_build
     dev = editor.engine.device
 
     def sync():
@@ -95,10 +99,12 @@ def engine_side(args, spec, clip) -> dict:
         t2 = time.perf_counter()
         parts[stage] = {"bytes": len(blob), "snapshot_ms": round((t1 - t0) * 1e3, 2),
                         "restore_ms": round((t2 - t1) * 1e3, 2)}  # fmt: skip
-    return {"ms_per_request": times, "snapshots": parts}
+    return {"ms_per_request": times, "snapshots": parts, "build_s": build_s}
 
 
 def cluster_side(args, spec, clip) -> dict:
+    import os
+
     import ray
     from ray import serve
 
@@ -106,13 +112,17 @@ def cluster_side(args, spec, clip) -> dict:
     from services.client import EditClient
 
     port = args.port
-    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    # the replicas import the project from ROOT; keep the caller's PYTHONPATH too (packages installed with --target)
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    t_start = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     cfg = AppConfig(grpc_port=port, engine=spec, checkpoint_every=args.checkpoint_every,
                     num_gpus=0.2 if spec.device == "cuda" else 0.0, max_message_bytes=256 << 20)  # fmt: skip
     try:
         run(cfg)
         with EditClient(f"127.0.0.1:{port}") as c:
             c.wait_ready(300)
+            startup_s = time.perf_counter() - t_start
             c.stream(clip, args.prompt, chunk_frames=args.chunk_frames, total_frames=len(clip))  # warm-up
             res = c.stream(clip, args.prompt, chunk_frames=args.chunk_frames, total_frames=len(clip))
     finally:
@@ -125,6 +135,7 @@ def cluster_side(args, spec, clip) -> dict:
         "gateway_ms": [r.timings.gateway_ms for r in rs],
         "inside_ms": [r.timings.ingest_ms + r.timings.generate_ms + r.timings.egress_ms for r in rs],
         "fps": res.fps,
+        "startup_s": startup_s,
     }
 
 
@@ -154,6 +165,11 @@ def main(argv=None) -> int:
                       torch_threads=args.threads)  # fmt: skip
     clip = make_clip(args.frames, args.height, args.width, seed=5)
     eng = engine_side(args, spec, clip)
+    if torch.cuda.is_available():  # hand the engine side's cached GPU memory back before the replicas start
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     out = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -162,30 +178,44 @@ def main(argv=None) -> int:
         "chunk_frames": args.chunk_frames, "torch_threads": args.threads,
         "engine_ms_per_request": [round(x, 2) for x in eng["ms_per_request"]],
         "snapshots": eng["snapshots"],
+        "engine_build_s": round(eng["build_s"], 1),
     }  # fmt: skip
-    if not args.no_cluster:
+
+    def write(obj: dict, show: bool = True) -> None:
+        text = json.dumps(obj, indent=2)
+        if show:
+            print(text, flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+
+    if args.no_cluster:
+        write(out)
+        return 0
+    write(out, show=False)  # the engine side on disk before the cluster starts: a failing cluster side does not lose it
+    try:
         cl = cluster_side(args, spec, clip)
-        steady = slice(1, -1)  # skip the first request (chunk 0 is 5 latents) and the flush
-        e = float(np.mean(eng["ms_per_request"][steady]))
-        total = float(np.mean(cl["total_ms"][steady]))
-        inside = float(np.mean(cl["inside_ms"][steady]))
-        out.update({
-            "cluster": {k: [round(x, 2) for x in v] if isinstance(v, list) else round(v, 2) for k, v in cl.items()},
-            "steady_state": {
-                "engine_ms_per_request": round(e, 2),
-                "cluster_ms_per_request": round(total, 2),
-                "inside_replicas_ms": round(inside, 2),
-                "overhead_ms_per_request": round(total - inside, 2),
-                "overhead_note": "cluster_ms (gateway: request in -> response out) - inside_replicas_ms: Ray hops, "
-                "(de)serialisation, routing, registry and replay-log writes, gateway work. The client sends "
-                "unpaced, so client_ms_per_request includes queueing behind earlier requests.",
-            },
-        })  # fmt: skip
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    except Exception as exc:  # recorded in the result, then the run fails
+        out["cluster_error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
+        write(out)
+        return 1
+    steady = slice(1, -1)  # skip the first request (chunk 0 is 5 latents) and the flush
+    e = float(np.mean(eng["ms_per_request"][steady]))
+    total = float(np.mean(cl["total_ms"][steady]))
+    inside = float(np.mean(cl["inside_ms"][steady]))
+    out.update({
+        "cluster": {k: [round(x, 2) for x in v] if isinstance(v, list) else round(v, 2) for k, v in cl.items()},
+        "steady_state": {
+            "engine_ms_per_request": round(e, 2),
+            "cluster_ms_per_request": round(total, 2),
+            "inside_replicas_ms": round(inside, 2),
+            "overhead_ms_per_request": round(total - inside, 2),
+            "overhead_note": "cluster_ms (gateway: request in -> response out) - inside_replicas_ms: Ray hops, "
+            "(de)serialisation, routing, registry and replay-log writes, gateway work. The client sends "
+            "unpaced, so client_ms_per_request includes queueing behind earlier requests.",
+        },
+    })  # fmt: skip
+    write(out)
     return 0
 
 
