@@ -16,7 +16,10 @@ Fast-path figures (skipped with --quick):
     forward_breakdown_ms    device time of one forward by category (gemm, attention, gdn, norms_elementwise, other)
     gdn_layer_us, gdn_mixer_device_us, gdn_floor_us, gdn_backend   one GDN mixer at the real shape vs its floor
     dit_fps_eager, dit_fps_graphs, graphs_vs_eager_rel_err         the chunk step without / with CUDA graphs
-    fast_vs_reference_rel_err   the dispatched GDN path vs the plain-PyTorch reference (same chunk)
+    dit_fps_graphs_unfused  graphs without the fused projections and elementwise kernels (SANA_STREAM_FUSED=0)
+    dit_fps_graphs_compiled, compiled_vs_eager_rel_err             graphs over torch.compile'd blocks
+    fast_vs_reference_rel_err   the dispatched fast path (fused GDN, projections, elementwise) vs the plain-PyTorch
+                            reference path (same chunk)
     batched                 {B: ms per round, total and per-session FPS} for B steady-state sessions per forward
 
 Non-goals: multi-session serving throughput through the cluster (loadtest/).
@@ -80,9 +83,17 @@ _ATTN = ("flash", "fmha", "attention", "attn")
 _NORM = ("norm", "elementwise", "vectorized", "reduce", "silu", "gelu", "softmax", "cat", "copy", "mul", "add", "rope")
 
 
+_FUSED = ("dwconv_glu", "ln_modulate")  # our fused elementwise kernels (names that would match _GEMM's "conv")
+
+
 def _category(kernel: str) -> str:
     k = kernel.lower()
-    for name, keys in (("attention", _ATTN), ("gemm", _GEMM), ("norms_elementwise", _NORM)):
+    for name, keys in (
+        ("norms_elementwise", _FUSED),
+        ("attention", _ATTN),
+        ("gemm", _GEMM),
+        ("norms_elementwise", _NORM),
+    ):
         if any(key in k for key in keys):
             return name
     return "other"
@@ -138,11 +149,26 @@ def forward_breakdown(fn, device: torch.device) -> dict[str, float]:
         if e.name == "sana::gdn":
             collect(e)
     totals = dict.fromkeys(("gemm", "attention", "gdn", "norms_elementwise", "other"), 0.0)
+    count = 0
     for e in events:
         for k in e.kernels:
             totals["gdn" if id(k) in in_gdn else _category(k.name)] += k.duration / 1e3
+            count += 1
     totals["total"] = sum(totals.values())
+    totals["kernels"] = count
     return totals
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration (the engine's path switches are read per call)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -297,17 +323,26 @@ def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int
         if True in results_by_mode:
             out["dit_fps_graphs"] = 3 * tc / results_by_mode[True][0]
             out["graphs_vs_eager_rel_err"] = _rel_err(results_by_mode[True][1], results_by_mode[False][1])
-
-        # The dispatched GDN path against the plain-PyTorch reference, same chunk, eager.
-        if out["gdn_backend"] != "naive":
-            prev = os.environ.get("SANA_STREAM_GDN")
-            os.environ["SANA_STREAM_GDN"] = "naive"
-            try:
-                editor.runner = ChunkRunner(dit, cuda_graphs=False)
+            # The same with graphs but without the fused projections and elementwise kernels (fused GDN kept).
+            with _env(SANA_STREAM_FUSED="0"):
+                dit.unfuse_projections()
+                editor.runner = ChunkRunner(dit)
                 st = editor.restore(blob)
-                ref = editor.generate(st, src[:, :, :6])
-            finally:
-                os.environ.pop("SANA_STREAM_GDN") if prev is None else os.environ.__setitem__("SANA_STREAM_GDN", prev)
+                editor.generate(st, src[:, :, :6])
+                _sync(device)
+                t0 = time.perf_counter()
+                editor.generate(st, src[:, :, 6:])
+                _sync(device)
+                out["dit_fps_graphs_unfused"] = 3 * tc * chunks / (time.perf_counter() - t0)
+            editor.runner = ChunkRunner(dit)  # fuses again
+
+        # The dispatched fast path (fused GDN, fused projections and elementwise kernels) against the plain-PyTorch
+        # reference path, same chunk, eager.
+        if out["gdn_backend"] != "naive" or dit.projections_fused:
+            with _env(SANA_STREAM_GDN="naive", SANA_STREAM_FUSED="0"):
+                dit.unfuse_projections()
+                editor.runner = ChunkRunner(dit, cuda_graphs=False)
+                ref = editor.generate(editor.restore(blob), src[:, :, :6])
             editor.runner = ChunkRunner(dit, cuda_graphs=False)
             fast = editor.generate(editor.restore(blob), src[:, :, :6])
             out["fast_vs_reference_rel_err"] = _rel_err(fast, ref)

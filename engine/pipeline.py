@@ -161,6 +161,10 @@ class StreamingEditor:
 
     # --- one stage's part of a session (the stages in separate processes) --------------------------------
 
+    def _on_device(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Prompt tensors computed elsewhere (another process hands them over on the CPU) on the engine's device."""
+        return {k: v.to(self.engine.device) for k, v in text.items()}
+
     def open_part(self, settings: SessionSettings, part: str, text: dict[str, Tensor] | None = None) -> SessionState:
         """A fresh session holding only one stage's state, for running the stages in separate processes.
 
@@ -189,12 +193,12 @@ class StreamingEditor:
             vae_decoder=e.vae.decoder_init_state() if "decoder" in parts else {},
         )
         if "generator" in parts:
-            state.text = dict(text) if text is not None else prompt_conditioning(e.text, settings)
+            state.text = self._on_device(text) if text is not None else prompt_conditioning(e.text, settings)
         return state
 
     def set_prompt_text(self, state: SessionState, prompt: str, text: dict[str, Tensor]) -> None:
         """`set_prompt` with the embeddings already computed (`prompt_conditioning`, e.g. in another process)."""
-        state.text = dict(text)
+        state.text = self._on_device(text)
         state.settings.prompt = prompt
         state.cursor.prompt_version += 1
 

@@ -64,19 +64,30 @@ class StreamingSchedule:
             sched.set_timesteps(steps)
             self.timesteps = sched.timesteps.clone()
             self.sigmas = sched.sigmas.clone().float()
+        self._device_tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
         return self.steps
+
+    def _on(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(timesteps, sigma steps) on `device`, copied there once: a copy from pageable host memory per forward
+        would stall the host until the device caught up (a sync per step)."""
+        device = torch.device(device)
+        cached = self._device_tables.get(device)
+        if cached is None:
+            cached = (self.timesteps.to(device), (self.sigmas[1:] - self.sigmas[:-1]).to(device))
+            self._device_tables[device] = cached
+        return cached
 
     def timestep(self, i: int, batch: int, device: torch.device | str = "cpu") -> Tensor:
         """The model's timestep input for step i, (batch,)."""
         if not 0 <= i < self.steps:
             raise ValueError(f"step {i} outside [0, {self.steps})")
-        return self.timesteps[i].expand(batch).to(device)
+        return self._on(device)[0][i].expand(batch)
 
     def step(self, v: Tensor, i: int, x: Tensor) -> Tensor:
         """Euler update of step i: fp32 x + (sigma_{i+1} - sigma_i) v, rounded to v's dtype, returned as fp32."""
-        dt = (self.sigmas[i + 1] - self.sigmas[i]).to(x.device)
+        dt = self._on(x.device)[1][i]
         return (x.float() + dt * v).to(v.dtype).float()
 
 

@@ -9,6 +9,8 @@ instead). `ChunkRunner.run(jobs)` does that for many sessions at once:
   RoPE tables and cache reads are stacked along the batch, each keeps its own timestep, and the writes are split
   back to each session's cache. Sessions at different chunk indices batch as long as their windows have equal
   length (all sessions past chunk 1 do, with the default window).
+- **Fused projections.** Where the fast path is on (`fused_enabled`: CUDA, unless SANA_STREAM_FUSED=0), the
+  runner fuses the model's projections once (`SanaStreamingDiT.fuse_projections`).
 - **CUDA graphs.** On CUDA each distinct signature (and batch size) is captured once into a graph over static
   buffers (`DiTModel.forward_step` is pure: no cache bookkeeping, no host synchronisation); a forward is then a few
   buffer copies and one replay. The first chunks of a stream have their own signatures (no history, then the
@@ -29,6 +31,7 @@ import torch
 from torch import Tensor
 
 from engine.model.cache import DiTCache, LayerRead, LayerWrite
+from engine.model.fast_ops import fused_enabled
 from engine.model.hybrid_dit import SanaStreamingDiT
 from engine.sampler import StreamingSchedule, cfg_combine
 
@@ -116,10 +119,16 @@ def _slice_writes(writes: list[LayerWrite], start: int, stop: int) -> list[Layer
 
 
 class _Graph:
-    """One captured `forward_step` over static input/output buffers."""
+    """One captured `forward_step` over static input/output buffers.
+
+    Inputs that stay fixed for a whole chunk (source, text, RoPE table, cache reads: hundreds of MB at 2B with
+    the softmax window) are copied in once per chunk (`load_chunk`); each forward copies only x and timestep."""
+
+    PER_FORWARD = ("x", "timestep")
 
     def __init__(self, model: SanaStreamingDiT, inputs: dict, pool) -> None:
         self.inputs = {k: _static(v) for k, v in inputs.items()}
+        self._chunk_token: object | None = None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (autotuning, lazy init)
@@ -130,8 +139,13 @@ class _Graph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.v, self.writes, _ = model.forward_step(**self.inputs)
 
-    def __call__(self, inputs: dict) -> tuple[Tensor, list[LayerWrite]]:
-        _copy_into(self.inputs, inputs)
+    def __call__(self, inputs: dict, chunk_token: object) -> tuple[Tensor, list[LayerWrite]]:
+        """Replay on `inputs`; the per-chunk inputs are copied only when `chunk_token` differs from the last call's
+        (the runner passes one fresh token per group of forwards that share them)."""
+        if chunk_token is not self._chunk_token:
+            _copy_into({k: v for k, v in self.inputs.items() if k not in self.PER_FORWARD}, inputs)
+            self._chunk_token = chunk_token
+        _copy_into({k: self.inputs[k] for k in self.PER_FORWARD}, inputs)
         self.graph.replay()
         return self.v, self.writes
 
@@ -163,6 +177,14 @@ def _copy_into(dst, src) -> None:
         _copy_into(dst.ffn_ctx, src.ffn_ctx)
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host -> device without stalling the host: from pinned memory, asynchronously (a pageable copy waits for the
+    device to reach it, i.e. for every queued forward)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def cuda_graphs_enabled(device: torch.device) -> bool:
     """Graphs on CUDA unless SANA_STREAM_CUDA_GRAPHS=0."""
     return device.type == "cuda" and os.environ.get("SANA_STREAM_CUDA_GRAPHS", "1") != "0"
@@ -178,6 +200,8 @@ class ChunkRunner:
         self.max_batch = max_batch
         self._graphs: dict[tuple, _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        if fused_enabled(self.device) and not model.training and not model.projections_fused:
+            model.fuse_projections()
 
     @property
     def num_graphs(self) -> int:
@@ -194,14 +218,14 @@ class ChunkRunner:
                 self._run_group(sig, group[i : i + self.max_batch])
         return [job.result for job in jobs]  # type: ignore[misc]
 
-    def _forward(self, sig: tuple, inputs: dict) -> tuple[Tensor, list[LayerWrite]]:
+    def _forward(self, sig: tuple, inputs: dict, chunk_token: object) -> tuple[Tensor, list[LayerWrite]]:
         if not self.cuda_graphs:
             v, writes, _ = self.model.forward_step(**inputs)
             return v, writes
         key = (*sig, inputs["x"].shape[0])
         if key not in self._graphs:
             self._graphs[key] = _Graph(self.model, inputs, self._pool)
-        return self._graphs[key](inputs)
+        return self._graphs[key](inputs, chunk_token)
 
     def _run_group(self, sig: tuple, jobs: list[ChunkJob]) -> None:
         m = self.model
@@ -215,19 +239,21 @@ class ChunkRunner:
         rope = torch.cat([per_branch(m.rope.table(j.cache.next_frame, T, H, W, self.device)[None], j) for j in jobs])
         inputs = {
             "source": torch.cat([per_branch(j.source, j) for j in jobs]),
-            "text": torch.cat([j.text for j in jobs]),
+            "text": None,
+            "text_ctx": m.text_context(torch.cat([j.text for j in jobs])),  # once per chunk, not per forward
             "text_mask": torch.cat([j.mask for j in jobs]),
             "rope": rope,
             "reads": _cat_reads([j.reads(m) for j in jobs]),
         }
-        xs = [j.noise.to(self.device) for j in jobs]
+        xs = [_to_device(j.noise, self.device) for j in jobs]
+        chunk_token = object()  # every forward below shares the per-chunk inputs
         sched = jobs[0].schedule
         n = len(sched)
 
         def forward(latents: list[Tensor], t: list[Tensor]) -> tuple[list[Tensor], list[LayerWrite]]:
             inputs["x"] = torch.cat([per_branch(x.to(m.dtype), j) for x, j in zip(latents, jobs)])
             inputs["timestep"] = torch.cat(t).float()
-            v, writes = self._forward(sig, inputs)
+            v, writes = self._forward(sig, inputs, chunk_token)
             vs = []
             for j, s in zip(jobs, starts):
                 vj = v[s : s + j.branches]

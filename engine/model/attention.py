@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.model import fast_ops
 from engine.model.layers import RMSNorm, apply_rope
 
 
@@ -40,6 +41,20 @@ class SoftmaxAttention(nn.Module):
         self.k_norm = RMSNorm(hidden, norm_eps)
         self.output_gate = nn.Linear(hidden, hidden)
         self.proj = nn.Linear(hidden, hidden)
+        # Inference-only concatenated q/k/v/output_gate weights (`fuse`); non-persistent: never in a state dict.
+        self.register_buffer("fused_in_w", None, persistent=False)
+        self.register_buffer("fused_in_b", None, persistent=False)
+
+    def fuse(self) -> None:
+        """Inference: the four projections that read x as one GEMM (N = 4C)."""
+        w = torch.cat([self._qk_weight(self.q.weight), self._qk_weight(self.k.weight), self.v.weight,
+                       self.output_gate.weight])  # fmt: skip
+        zeros = torch.zeros(3 * self.v.weight.shape[0], dtype=w.dtype, device=w.device)
+        self.fused_in_w = w.detach().clone()
+        self.fused_in_b = torch.cat([zeros, self.output_gate.bias]).detach().clone()
+
+    def unfuse(self) -> None:
+        self.fused_in_w = self.fused_in_b = None
 
     def kv_shapes(self, batch: int, tokens: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         """What one cached chunk of this layer holds: post-RoPE k and raw v, (B, tokens, heads, D), activation dtype."""
@@ -54,25 +69,36 @@ class SoftmaxAttention(nn.Module):
         x: Tensor,
         rope: Tensor | None,
         past_kv: tuple[Tensor, Tensor] | None = None,
+        rope_cs: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, N, C); rope (N, D/2) for the current tokens' absolute positions; past_kv: window keys (post-RoPE)
-        and values, each (B, M, heads, D).
+        and values, each (B, M, heads, D); rope_cs: rope's fp32 (cos, sin) for the fused norm + RoPE kernel.
 
         Returns (out (B, N, C), (k, v) of the current tokens, (B, N, heads, D), for the cache)."""
         B, N, C = x.shape
         shape = (B, N, self.heads, self.head_dim)
-        q = self.q_norm(F.linear(x, self._qk_weight(self.q.weight))).reshape(shape)
-        k = self.k_norm(F.linear(x, self._qk_weight(self.k.weight))).reshape(shape)
-        v = self.v(x).reshape(shape)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.fused_in_w is not None:
+            q, k, v, gate = F.linear(x, self.fused_in_w, self.fused_in_b).split(C, dim=-1)
+        else:
+            q, k = F.linear(x, self._qk_weight(self.q.weight)), F.linear(x, self._qk_weight(self.k.weight))
+            v, gate = self.v(x), self.output_gate(x)
+        fast = fast_ops.ops(x.device)
+        if fast is not None and (rope is None or rope_cs is not None):  # norm (+ RoPE) in one kernel each
+            cos, sin = rope_cs if rope is not None else (None, None)
+            q = fast.rms_norm(q, self.q_norm.weight, self.q_norm.eps, cos, sin, self.head_dim).reshape(shape)
+            k = fast.rms_norm(k, self.k_norm.weight, self.k_norm.eps, cos, sin, self.head_dim).reshape(shape)
+        else:
+            q, k = self.q_norm(q).reshape(shape), self.k_norm(k).reshape(shape)
+            if rope is not None:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
+        v = v.reshape(shape)
         k_all, v_all = k, v
         if past_kv is not None:
             k_all = torch.cat([past_kv[0].to(k.dtype), k], dim=1)
             v_all = torch.cat([past_kv[1].to(v.dtype), v], dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
         out = out.transpose(1, 2).reshape(B, N, C).to(x.dtype)
-        out = out * F.silu(self.output_gate(x).float()).to(x.dtype)
+        out = out * F.silu(gate.float()).to(x.dtype)
         return self.proj(out), (k, v)
 
 
@@ -89,14 +115,22 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(hidden, norm_eps)
         self.k_norm = RMSNorm(hidden, norm_eps)
 
-    def forward(self, x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-        """x (B, N, C); y (B, L, C) projected text; mask (B, L), 1 = token, 0 = padding."""
-        B, N, C = x.shape
-        L = y.shape[1]
-        q = self.q_norm(self.q_linear(x)).reshape(B, N, self.heads, self.head_dim).transpose(1, 2)
+    def text_kv(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (after k_norm) and values of the projected text y (B, L, C), each (B, heads, L, D): fixed for a
+        prompt, so a caller may compute them once and pass them to every forward."""
+        B, L, C = y.shape
         k, v = self.kv_linear(y).chunk(2, dim=-1)
         k = self.k_norm(k).reshape(B, L, self.heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(B, L, self.heads, self.head_dim).transpose(1, 2)
+        return k, v.reshape(B, L, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, y: Tensor | None, mask: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, N, C); y (B, L, C) projected text, or its `text_kv` in kv; mask (B, L), 1 = token, 0 = padding."""
+        B, N, C = x.shape
+        fast = fast_ops.ops(x.device)
+        q = self.q_linear(x)
+        q = fast.rms_norm(q, self.q_norm.weight, self.q_norm.eps) if fast is not None else self.q_norm(q)
+        q = q.reshape(B, N, self.heads, self.head_dim).transpose(1, 2)
+        k, v = kv if kv is not None else self.text_kv(y)
         bias = ((1 - mask.to(q.dtype)) * -10000.0)[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))

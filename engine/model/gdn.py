@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.model import fast_ops
 from engine.model.layers import RMSNorm, apply_rope
 from kernels.gdn import bidirectional_gdn, triton_ops
 
@@ -64,32 +65,51 @@ class GDNAttention(nn.Module):
         self.dt_bias = nn.Parameter(torch.full((self.heads,), -8.0))
         self.output_gate = nn.Linear(hidden, hidden)
         self.proj = nn.Linear(hidden, hidden)
+        # Inference-only concatenated projection weights (`fuse`); non-persistent: never in a state dict.
+        self.register_buffer("fused_in_w", None, persistent=False)
+        self.register_buffer("fused_in_b", None, persistent=False)
 
     def state_shapes(self, batch: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The carried state this layer owns: M (B, H, D, D) and z (B, H, D, 1), both fp32."""
         H, D = self.heads, self.head_dim
         return {"state_kv": ((batch, H, D, D), torch.float32), "state_z": ((batch, H, D, 1), torch.float32)}
 
-    def gates(self, x: Tensor, hw: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
-        """beta (B, H, T, S) and decay (B, H, T), both in x's dtype."""
-        B, N, C = x.shape
-        T, H, W = hw
-        xf = x.reshape(B, T, H * W, C)
-        beta = self.beta_proj(xf).sigmoid().permute(0, 3, 1, 2)
-        a = self.gate_proj(xf.mean(dim=2)).float()  # (B, T, heads)
-        decay = torch.exp(-self.A_log.float().exp() * F.softplus(a + self.dt_bias.float()))
-        return beta.to(x.dtype), decay.transpose(1, 2).to(x.dtype)
+    def fuse(self) -> None:
+        """Inference: one weight for the six projections that read x (q, k, v, output_gate, beta_proj, gate_proj),
+        so they run as one GEMM (N = 4C + 2H). gate_proj reads the frame mean of x; being linear it equals the
+        frame mean of gate_proj(x), which the fused GEMM computes per token. Undone by `unfuse`."""
+        w = torch.cat([self.q.weight[:, :, 0], self.k.weight[:, :, 0], self.v.weight, self.output_gate.weight,
+                       self.beta_proj.weight, self.gate_proj.weight])  # fmt: skip
+        zeros = torch.zeros(3 * self.v.weight.shape[0], dtype=w.dtype, device=w.device)
+        b = torch.cat([zeros, self.output_gate.bias, self.beta_proj.bias, self.gate_proj.bias])
+        self.fused_in_w, self.fused_in_b = w.detach().clone(), b.detach().clone()
 
-    def qkv(self, x: Tensor, hw: tuple[int, int, int]) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k (after norm, ReLU, key scale) and v, each (B, N, heads, D) in x's dtype."""
+    def unfuse(self) -> None:
+        self.fused_in_w = self.fused_in_b = None
+
+    def projections(self, x: Tensor, hw: tuple[int, int, int]) -> tuple[Tensor, ...]:
+        """q_raw, k_raw, v, gate (B, N, C) (before norm / activation), beta (B, H, T, S), decay (B, H, T).
+
+        beta = sigmoid(beta_proj(x)); decay = exp(-exp(A_log) * softplus(gate_proj(mean_s x) + dt_bias)) in fp32,
+        both rounded to x's dtype like the release. With `fuse`d weights one GEMM makes all six (the columns are
+        views of its output, unit channel stride) and the gate's frame mean is taken of the projected tokens."""
         B, N, C = x.shape
-        S = hw[1] * hw[2]
-        q = F.relu(self.q_norm(F.linear(x, self.q.weight[:, :, 0])))
-        k = F.relu(self.k_norm(F.linear(x, self.k.weight[:, :, 0])))
-        k = k * (self.head_dim**-0.5 * S**-0.5)
-        v = self.v(x)
-        shape = (B, N, self.heads, self.head_dim)
-        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        T, S = hw[0], hw[1] * hw[2]
+        heads = self.heads
+        if self.fused_in_w is not None:
+            p = F.linear(x, self.fused_in_w, self.fused_in_b)
+            q_raw, k_raw, v, gate = (p[..., i * C : (i + 1) * C] for i in range(4))
+            beta = p[..., 4 * C : 4 * C + heads].sigmoid()
+            a = p[..., 4 * C + heads :].reshape(B, T, S, heads).float().mean(dim=2)  # (B, T, heads)
+        else:
+            q_raw = F.linear(x, self.q.weight[:, :, 0])
+            k_raw = F.linear(x, self.k.weight[:, :, 0])
+            v, gate = self.v(x), self.output_gate(x)
+            beta = self.beta_proj(x).sigmoid()
+            a = self.gate_proj(x.reshape(B, T, S, C).mean(dim=2)).float()  # (B, T, heads)
+        beta = beta.reshape(B, T, S, heads).permute(0, 3, 1, 2).to(x.dtype)
+        decay = torch.exp(-self.A_log.float().exp() * F.softplus(a + self.dt_bias.float()))
+        return q_raw, k_raw, v, gate, beta, decay.transpose(1, 2).to(x.dtype)
 
     def forward(
         self,
@@ -105,9 +125,12 @@ class GDNAttention(nn.Module):
             return self._forward_triton(x, hw, rope, state)
         B, N, C = x.shape
         T, H, W = hw
-        q, k, v = self.qkv(x, hw)
+        q_raw, k_raw, v, gate, beta, decay = self.projections(x, hw)
+        q = F.relu(self.q_norm(q_raw))
+        k = F.relu(self.k_norm(k_raw)) * (self.head_dim**-0.5 * (H * W) ** -0.5)
+        shape = (B, N, self.heads, self.head_dim)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         q_rot, k_rot = (apply_rope(q, rope), apply_rope(k, rope)) if rope is not None else (q, k)
-        beta, decay = self.gates(x, hw)
 
         def frames(t: Tensor) -> Tensor:  # (B, N, heads, D) -> (B, heads, T, S, D), fp32
             return t.float().reshape(B, T, H * W, self.heads, self.head_dim).permute(0, 3, 1, 2, 4)
@@ -118,27 +141,24 @@ class GDNAttention(nn.Module):
             skv, sz, eps=self.eps,
         )  # fmt: skip
         out = out.to(x.dtype).permute(0, 2, 3, 1, 4).reshape(B, N, C)
-        out = out * F.silu(self.output_gate(x).float()).to(x.dtype)
+        out = out * F.silu(gate.float()).to(x.dtype)
         return self.proj(out), (fkv, fz)
 
-    @torch.compiler.disable  # our own kernels: torch.compile compiles around them, not through them
     def _forward_triton(
         self,
         x: Tensor,
         hw: tuple[int, int, int],
-        rope: Tensor | None,
+        rope: Tensor | tuple[Tensor, Tensor] | None,
         state: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """`forward` through `kernels.gdn.triton_gdn.fused_gdn_layer` (same arguments and results; the fp32
-        cos / sin tables of `rope` are built once per table and shared by the layers of a forward)."""
-        ops = triton_ops()
-        q_raw = F.linear(x, self.q.weight[:, :, 0])
-        k_raw = F.linear(x, self.k.weight[:, :, 0])
-        beta, decay = self.gates(x, hw)
-        cos, sin = ops.rope_tables_cached(rope) if rope is not None else (None, None)
+        """`forward` through the fused kernels (`kernels.gdn.triton_gdn.fused_gdn_layer`, called as the custom op
+        `sana::gdn_mixer`): same arguments and results. rope may come as the fp32 (cos, sin) tables of
+        `fast_ops.rope_cos_sin`, built once per forward by the model."""
+        q_raw, k_raw, v, gate, beta, decay = self.projections(x, hw)
+        cos, sin = rope if isinstance(rope, tuple) else (fast_ops.rope_cos_sin(rope) or (None, None))
         skv, sz = state if state is not None else (None, None)
-        out, fkv, fz = ops.fused_gdn_layer(
-            q_raw, k_raw, self.v(x), beta, decay, self.output_gate(x), self.q_norm.weight, self.k_norm.weight,
-            cos, sin, self.heads, hw[0], skv, sz, norm_eps=self.q_norm.eps, eps=self.eps,
+        out, fkv, fz = fast_ops.gdn_mixer()(
+            q_raw, k_raw, v, beta, decay, gate, self.q_norm.weight, self.k_norm.weight,
+            cos, sin, self.heads, hw[0], skv, sz, self.q_norm.eps, self.eps,
         )  # fmt: skip
         return self.proj(out), (fkv, fz)

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from engine.config import DiTConfig
+from engine.model import fast_ops
 from engine.model.attention import CrossAttention, SoftmaxAttention
 from engine.model.cache import DiTCache, LayerRead, LayerWrite
-from engine.model.gdn import GDNAttention
+from engine.model.gdn import GDNAttention, gdn_backend
 from engine.model.layers import (
     CaptionEmbedder,
     FinalLayer,
@@ -69,29 +70,47 @@ class HybridBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        y: Tensor,
+        y: Tensor | None,
         mask: Tensor,
         t0: Tensor,
         hw: tuple[int, int, int],
         rope: Tensor | None,
         read: LayerRead,
+        text_kv: tuple[Tensor, Tensor] | None = None,
+        rope_cs: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, LayerWrite, Tensor]:
-        """Returns (x, what the cache may keep, self-attention output before gate1 (for inspection))."""
+        """y: the projected text, or None with its cross-attention keys/values in text_kv. rope_cs: the fp32
+        (cos, sin) tables of rope for the fused kernels, when the model built them for all layers.
+        Returns (x, what the cache may keep, self-attention output before gate1 (for inspection))."""
         B, N, C = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t0.reshape(B, 6, C)).chunk(
             6, dim=1
         )
-        h = modulate(layer_norm(x, self.eps), shift1, scale1)
+        fast = fast_ops.ops(x.device)
+        if fast is not None:
+            h = fast.ln_modulate(x, shift1, scale1, self.eps)
+        else:
+            h = modulate(layer_norm(x, self.eps), shift1, scale1)
         write = LayerWrite()
         if self.is_softmax:
-            attn_out, write.kv = self.attn(h, rope, read.past_kv)
+            attn_out, write.kv = self.attn(h, rope, read.past_kv, rope_cs)
         else:
-            attn_out, write.gdn_state = self.attn(h, hw, rope, read.gdn_state)
-        x = x + gate1 * attn_out
-        x = x + self.cross_attn(x, y, mask)
-        ffn_out, write.ffn_last = self.mlp(modulate(layer_norm(x, self.eps), shift2, scale2), hw, read.ffn_ctx)
-        x = x + gate2 * ffn_out
+            attn_out, write.gdn_state = self.attn(h, hw, rope if rope_cs is None else rope_cs, read.gdn_state)
+        # Gated residuals: one kernel on the fast path (addcmul rounds once, the reference rounds gate * out too).
+        x = torch.addcmul(x, gate1, attn_out) if fast is not None else x + gate1 * attn_out
+        cross = self.cross_attn(x, y, mask, text_kv)
+        if fast is not None:
+            x, h = fast.residual_ln_modulate(x, cross, None, shift2, scale2, self.eps)
+        else:
+            x = x + cross
+            h = modulate(layer_norm(x, self.eps), shift2, scale2)
+        ffn_out, write.ffn_last = self.mlp(h, hw, read.ffn_ctx)
+        x = torch.addcmul(x, gate2, ffn_out) if fast is not None else x + gate2 * ffn_out
         return x, write, attn_out
+
+
+def _drop_fused(module: SanaStreamingDiT, _incompatible) -> None:
+    module.unfuse_projections()
 
 
 class SanaStreamingDiT(nn.Module):
@@ -109,6 +128,7 @@ class SanaStreamingDiT(nn.Module):
         self.blocks = nn.ModuleList(HybridBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(C, cfg.in_channels, cfg.norm_eps)
         self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta, cfg.rope_max_len)
+        self.register_load_state_dict_post_hook(_drop_fused)
 
     # --- construction helpers ------------------------------------------------------------------------------
 
@@ -119,6 +139,7 @@ class SanaStreamingDiT(nn.Module):
         Every tensor gets a draw scaled so that each sub-layer contributes visibly; with release_gates the GDN
         gates, output gates and t_conv get the release's "linear-equivalent" training init instead.
         """
+        self.unfuse_projections()
         device = self.x_embedder.proj.weight.device
         g = torch.Generator(device=device).manual_seed(seed)
 
@@ -151,6 +172,33 @@ class SanaStreamingDiT(nn.Module):
                 block.mlp.t_conv.weight.zero_()
         return self
 
+    @torch.no_grad()
+    def fuse_projections(self) -> SanaStreamingDiT:
+        """Inference: concatenate the projections that read the same input into one weight per layer (GDN: q, k,
+        v, output_gate, beta_proj, gate_proj; softmax: q, k, v, output_gate; FFN: t_conv's taps), so each layer
+        runs one large GEMM where it ran up to six. Same function, bf16 rounding aside (the GEMMs may tile
+        differently); costs a second copy of those weights (~0.8 GB at 2B). `train()`, `load_state_dict` and
+        `init_weights` drop the fused copies, so they never go stale; `ChunkRunner` fuses on CUDA."""
+        for block in self.blocks:
+            block.attn.fuse()
+            block.mlp.fuse()
+        return self
+
+    def unfuse_projections(self) -> SanaStreamingDiT:
+        for block in self.blocks:
+            block.attn.unfuse()
+            block.mlp.unfuse()
+        return self
+
+    @property
+    def projections_fused(self) -> bool:
+        return self.blocks[0].attn.fused_in_w is not None
+
+    def train(self, mode: bool = True) -> SanaStreamingDiT:
+        if mode:
+            self.unfuse_projections()
+        return super().train(mode)
+
     def compile_blocks(self, mode: str | None = None) -> SanaStreamingDiT:
         """torch.compile each block (static shapes): fuses the norms, modulation, RoPE and gating around the GEMMs.
         Works with `ChunkRunner`'s CUDA graphs (capture happens after the compiled warm-up)."""
@@ -174,6 +222,12 @@ class SanaStreamingDiT(nn.Module):
         if text.dim() == 4:
             text = text.squeeze(1)
         return self.attention_y_norm(self.y_embedder(text.to(self.dtype), drop_mask))
+
+    def text_context(self, text: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every block's cross-attention keys/values for `text` (B, L, caption_channels): what the forwards of a
+        chunk share (`forward_step(text_ctx=...)` skips the text projections)."""
+        y = self.embed_text(text)
+        return [block.cross_attn.text_kv(y) for block in self.blocks]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -219,11 +273,12 @@ class SanaStreamingDiT(nn.Module):
         x: Tensor,
         source: Tensor,
         timestep: Tensor,
-        text: Tensor,
+        text: Tensor | None,
         text_mask: Tensor,
         rope: Tensor,
         reads: list[LayerRead] | None = None,
         return_intermediates: bool = False,
+        text_ctx: list[tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, list[LayerWrite], dict[str, Tensor]]:
         """The pure part of `forward`: no cache bookkeeping and no host-side decisions, so it can be captured in a
         CUDA graph and batched across sessions.
@@ -231,6 +286,7 @@ class SanaStreamingDiT(nn.Module):
         Args: as `forward`, plus
             rope: complex128 (N, D/2) for all samples, or (B, N, D/2) per sample (sessions at different frames).
             reads: per block, what it reads from its session's history (batched along B); None = no history.
+            text_ctx: `text_context(text)` computed beforehand (then text may be None).
 
         Returns: (velocity, per-block writes for the cache, intermediates (empty unless asked)).
         """
@@ -241,16 +297,22 @@ class SanaStreamingDiT(nn.Module):
         tokens = self.x_embedder(torch.cat([x, source], dim=1).to(self.dtype))
         t_emb = self.t_embedder(timestep.to(x.device))
         t0 = self.t_block(t_emb)
-        y = self.embed_text(text)
+        y = self.embed_text(text) if text_ctx is None else None
         mask = text_mask.to(x.device)
         mids: dict[str, Tensor] = {}
         if return_intermediates:
-            mids.update(tokens=tokens, t_emb=t_emb, t0=t0, y=y)
+            mids.update(tokens=tokens, t_emb=t_emb, t0=t0)
+            if y is not None:
+                mids["y"] = y
         writes: list[LayerWrite] = []
+        # The fused GDN and norm + RoPE kernels read fp32 cos / sin tables: build them once for all layers.
+        fast = gdn_backend(x.device) == "triton" or fast_ops.ops(x.device) is not None
+        rope_cs = fast_ops.rope_cos_sin(rope) if fast else None
         h = tokens
         for block in self.blocks:
             read = reads[block.index] if reads is not None else LayerRead()
-            h, write, attn_out = block(h, y, mask, t0, hw, rope, read)
+            kv = text_ctx[block.index] if text_ctx is not None else None
+            h, write, attn_out = block(h, y, mask, t0, hw, rope, read, kv, rope_cs)
             writes.append(write)
             if return_intermediates:
                 mids[f"block{block.index}.self_attn_out"] = attn_out

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.model import fast_ops
+
 
 class RMSNorm(nn.Module):
     """weight * x * rsqrt(mean(x^2) + eps), normalised in fp32 and cast back to the input dtype."""
@@ -192,6 +194,21 @@ class GLUMBConvTemp(nn.Module):
         self.depth_conv = _Conv(nn.Conv2d(2 * ffn_hidden, 2 * ffn_hidden, 3, padding=1, groups=2 * ffn_hidden))
         self.point_conv = _Conv(nn.Conv2d(ffn_hidden, hidden, 1, bias=False))
         self.t_conv = nn.Conv2d(hidden, hidden, (t_kernel, 1), bias=False)
+        # Inference-only (`fuse`): t_conv's taps side by side, [W_prev | W_cur | W_next] (C, 3C), built once.
+        self.register_buffer("fused_t_w", None, persistent=False)
+
+    def t_conv_taps(self) -> Tensor:
+        """t_conv as a (C, 3C) matrix over [previous | current | next] frame features."""
+        if self.fused_t_w is not None:
+            return self.fused_t_w
+        C = self.t_conv.weight.shape[0]
+        return self.t_conv.weight[:, :, :, 0].permute(0, 2, 1).reshape(C, 3 * C)
+
+    def fuse(self) -> None:
+        self.fused_t_w = self.t_conv_taps().detach().clone()
+
+    def unfuse(self) -> None:
+        self.fused_t_w = None
 
     def spatial(self, x: Tensor, hw: tuple[int, int, int]) -> Tensor:
         """x (B, N, C) -> (B, T, S, C): the per-frame GLU MBConv, in token layout.
@@ -200,12 +217,16 @@ class GLUMBConvTemp(nn.Module):
         activation is transposed (the same function as the release's NCHW convs)."""
         B, N, C = x.shape
         T, H, W = hw
-        inv = self.inverted_conv.conv
-        y = F.silu(F.linear(x, inv.weight.flatten(1), inv.bias))  # (B, N, 2F)
-        y = y.reshape(B * T, H, W, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-        y = self.depth_conv.conv(y).permute(0, 2, 3, 1)  # (B*T, H, W, 2F)
-        a, g = y.chunk(2, dim=-1)
-        y = F.linear(a * F.silu(g), self.point_conv.conv.weight.flatten(1))  # (B*T, H, W, C)
+        inv, dw = self.inverted_conv.conv, self.depth_conv.conv
+        u = F.linear(x, inv.weight.flatten(1), inv.bias)  # (B, N, 2F)
+        fast = fast_ops.ops(x.device)
+        if fast is not None:  # SiLU, depthwise conv and GLU in one pass over u
+            y = fast.dwconv_glu(u, dw.weight, dw.bias, T, H, W)
+        else:
+            y = F.silu(u).reshape(B * T, H, W, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+            a, g = dw(y).permute(0, 2, 3, 1).chunk(2, dim=-1)  # (B*T, H, W, F) each
+            y = a * F.silu(g)
+        y = F.linear(y, self.point_conv.conv.weight.flatten(1))
         return y.reshape(B, T, H * W, C)
 
     def forward(self, x: Tensor, hw: tuple[int, int, int], ctx: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -219,6 +240,5 @@ class GLUMBConvTemp(nn.Module):
         padded = torch.cat([left, y, torch.zeros_like(y[:, :1])], dim=1)  # (B, T+2, S, C)
         T = y.shape[1]
         taps = torch.cat([padded[:, k : k + T] for k in range(3)], dim=-1)  # (B, T, S, 3C)
-        w = self.t_conv.weight[:, :, :, 0].permute(0, 2, 1).reshape(C, 3 * C)  # [W_prev | W_cur | W_next]
-        out = y + F.linear(taps, w)
+        out = y + F.linear(taps, self.t_conv_taps())
         return out.reshape(B, N, C), y[:, -1:].permute(0, 3, 1, 2)

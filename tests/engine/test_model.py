@@ -191,3 +191,41 @@ def test_fast_rope_matches_exact_rope(monkeypatch):
     torch.testing.assert_close(fast, exact, atol=2e-6, rtol=1e-6)
     per_sample = apply_rope(x, torch.stack([table, table]))
     torch.testing.assert_close(per_sample, fast, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_fused_projections_compute_the_same_function(streaming):
+    """`fuse_projections` (one GEMM per layer for the projections that read the same input) is the same function:
+    velocities and every cache write agree across streaming chunks; the fused copies never reach a state dict and
+    are dropped when the weights may change (load_state_dict, train(), init_weights)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(get_preset("tiny").dit, streaming=streaming, depth=4, softmax_ratio=0.5)
+    model = SanaStreamingDiT(cfg).init_weights(1).eval().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 3, 4, 6, generator=g, dtype=torch.float64)
+    src = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    text = torch.randn(2, cfg.text_len, cfg.caption_channels, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, cfg.text_len)
+    mask[1, 40:] = 0
+    t = torch.tensor([500.0, 20.0])
+    plain, fused = model.new_cache(), model.new_cache()
+    with torch.no_grad():
+        for _ in range(3):
+            a = model(x, src, t, text, mask, cache=plain, save_cache=True)
+            model.fuse_projections()
+            b = model(x, src, t, text, mask, cache=fused, save_cache=True)
+            model.unfuse_projections()
+            # The gate's frame mean is taken in fp32 on either path, at a different point: fp32-level differences.
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused.gdn, plain.gdn, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused.ffn, plain.ffn, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused.kv, plain.kv, atol=1e-6, rtol=1e-6)
+    state = model.fuse_projections().state_dict()
+    assert not [k for k in state if "fused" in k] and model.projections_fused
+    model.load_state_dict(state)
+    assert not model.projections_fused
+    model.fuse_projections().train()
+    assert not model.projections_fused
+    model.eval().fuse_projections().init_weights(2)
+    assert not model.projections_fused
