@@ -83,12 +83,14 @@ _ATTN = ("flash", "fmha", "attention", "attn")
 _NORM = ("norm", "elementwise", "vectorized", "reduce", "silu", "gelu", "softmax", "cat", "copy", "mul", "add", "rope")
 
 
-_FUSED = ("dwconv_glu", "ln_modulate")  # our fused elementwise kernels (names that would match _GEMM's "conv")
+_FUSED = ("dwconv_glu", "ln_modulate", "rms_norm")  # our fused elementwise kernels ("conv" would match _GEMM)
+_GDN = ("_phase_a_kernel", "_phase_b_kernel", "_phase_c_kernel", "_rstd_kernel")  # kernels/gdn/triton_kernels.py
 
 
 def _category(kernel: str) -> str:
     k = kernel.lower()
     for name, keys in (
+        ("gdn", _GDN),
         ("norms_elementwise", _FUSED),
         ("attention", _ATTN),
         ("gemm", _GEMM),

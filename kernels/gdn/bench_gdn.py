@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import traceback
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from kernels.gdn import naive, naive_fused
 from kernels.gdn import triton_gdn as tg
+from kernels.timing import copy_bandwidth, eager_us, graph_us
 
 DEV = "cuda"
 H, D, GRID_H, GRID_W = 20, 112, 22, 40
@@ -148,53 +148,6 @@ def checks(B: int, T: int, tiling: tg.GDNTiling) -> dict:
     return out
 
 
-def graph_us(fns: list[Callable[[], object]], reps: int = 10, trials: int = 7) -> dict:
-    """Median microseconds per call of fns (rotating), replayed from one CUDA graph of reps rounds."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for f in fns:
-                f()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(trials):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1e3 / (reps * len(fns)))
-    del g
-    torch.cuda.synchronize()
-    return dict(median_us=round(statistics.median(ts), 2), min_us=round(min(ts), 2), max_us=round(max(ts), 2))
-
-
-def eager_us(fns: list[Callable[[], object]]) -> float:
-    i = [0]
-
-    def f() -> None:
-        fns[i[0] % len(fns)]()
-        i[0] += 1
-
-    return round(1e3 * triton.testing.do_bench(f, warmup=50, rep=300, return_mode="median"), 2)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy in bytes/s, counting bytes read plus written (1 GiB buffers)."""
-    x = torch.empty(2**29, dtype=torch.float16, device="cuda").normal_()
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
-
-
 def floors(B: int, T: int, bw: float) -> dict:
     tok = B * T * S * C * 2  # one bf16 (B, N, C) tensor
     small = B * H * T * S * 2 + 2 * B * H * D * (D + 1) * 4  # beta; state in and out
@@ -209,7 +162,7 @@ def timings(B: int, T: int, tiling: tg.GDNTiling, bw: float) -> dict:
     res: dict = {"B": B, "T": T, "floor": floors(B, T, bw)}
     fused = [lambda a=a: tg.fused_gdn_layer(**a, tiling=tiling) for a in sets]
     res["triton_fused_layer_graph"] = graph_us(fused)
-    res["triton_fused_layer_eager_us"] = eager_us(fused)
+    res["triton_fused_layer_eager_us"] = eager_us(fused, warmup=50, rep=300)
     for name, variant in (("rope3d", axes), ("bf16tables", bf16_tables)):
         vs = [variant(a) for a in sets]
         res[f"triton_fused_layer_{name}_graph"] = graph_us(

@@ -25,21 +25,13 @@ import warnings
 import pytest
 import torch
 
-# The interpreter works only if TRITON_INTERPRET=1 was set before triton was first imported. In a full test
-# run another module may have imported it already (diffusers -> torch._dynamo -> triton): then this module
-# runs itself in a fresh interpreter (test_in_fresh_process) and skips its tests here.
-_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from tests.kernels.interpreter import fresh_process, in_process, require_interpreter, run_in_fresh_process
+
+require_interpreter()
 
 from kernels.fused import naive  # noqa: E402
 from kernels.fused import triton_fused as tf  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests drive the kernels through TRITON_INTERPRET=1", allow_module_level=True)
-
-in_process = pytest.mark.skipif(_PREIMPORTED, reason="triton was imported before TRITON_INTERPRET was set")
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -196,13 +188,10 @@ def test_reference_imports_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, timeout=120)
 
 
-@pytest.mark.skipif(not _PREIMPORTED, reason="runs only when the tests above cannot run in this process")
+@fresh_process
 def test_in_fresh_process():
     """All of the above, in a fresh interpreter where TRITON_INTERPRET is set before triton loads."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    run_in_fresh_process(__file__)
 
 
 RMS_CASES = [  # B, N, heads, D, dtype, row padding, rope: None / shared (N, D/2) / per-sample (B, N, D/2)

@@ -8,25 +8,16 @@ fp32: the two paths differ by summation order only (bound 1e-5 relative to the o
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from tests.kernels.interpreter import fresh_process, in_process, require_interpreter, run_in_fresh_process
+
+require_interpreter()
 
 from engine.config import get_preset  # noqa: E402
 from engine.model.hybrid_dit import SanaStreamingDiT  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests drive the kernels through TRITON_INTERPRET=1", allow_module_level=True)
-
-in_process = pytest.mark.skipif(_PREIMPORTED, reason="triton was imported before TRITON_INTERPRET was set")
 
 
 def _run(model: SanaStreamingDiT, monkeypatch, fast: bool, inputs: tuple) -> tuple[torch.Tensor, dict]:
@@ -63,10 +54,7 @@ def test_fast_path_equals_reference_path(monkeypatch, streaming):
     torch.testing.assert_close(fast_cache, ref_cache, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(not _PREIMPORTED, reason="runs only when the tests above cannot run in this process")
+@fresh_process
 def test_in_fresh_process():
-    """The above, in a fresh interpreter where TRITON_INTERPRET is set before triton loads."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    """All of the above, in a fresh interpreter where TRITON_INTERPRET is set before triton loads."""
+    run_in_fresh_process(__file__)

@@ -24,21 +24,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# The interpreter works only if TRITON_INTERPRET=1 was set before triton was first imported. In a full test
-# run another module may have imported it already (diffusers -> torch._dynamo -> triton): then this module
-# runs itself in a fresh interpreter (test_in_fresh_process) and skips its tests here.
-_PREIMPORTED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from tests.kernels.interpreter import fresh_process, in_process, require_interpreter, run_in_fresh_process
+
+require_interpreter()
 
 from kernels.gdn import naive, naive_fused  # noqa: E402
 from kernels.gdn import triton_gdn as tg  # noqa: E402
 from tests.conftest import GOLDEN, ROOT  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests drive the kernels through TRITON_INTERPRET=1", allow_module_level=True)
-
-in_process = pytest.mark.skipif(_PREIMPORTED, reason="triton was imported before TRITON_INTERPRET was set")
 
 # Small token blocks, so frames span several blocks and phase A splits each frame in two; and the defaults.
 SMALL = tg.GDNTiling(block_a=16, block_c=16, tokens_c=32, split_a=2, merge_a=False, block_v=16)
@@ -311,10 +303,7 @@ def test_reference_imports_without_triton():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, timeout=120)
 
 
-@pytest.mark.skipif(not _PREIMPORTED, reason="runs only when the tests above cannot run in this process")
+@fresh_process
 def test_in_fresh_process():
     """All of the above, in a fresh interpreter where TRITON_INTERPRET is set before triton loads."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    run_in_fresh_process(__file__)
