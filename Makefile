@@ -18,13 +18,10 @@ setup: .setup-stamp
 test: setup
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
+# The whole stack on the embedded default: local Ray, in-process registry, tiny model; a generated clip streamed
+# through the gRPC service (serve + stream + stop in one process).
 demo: setup
-	@mkdir -p $(OUT)
-	$(PYTHON) -m engine.testclips --frames 73 --height 128 --width 192 --seed 20 $(OUT)/demo_input.mp4
-	sana-stream edit --preset tiny --prompt "make the red circle blue" \
-		--video_path $(OUT)/demo_input.mp4 --num_frames 73 --output_dir $(OUT) --output_name demo_edited.mp4
-	@echo "input:  $(OUT)/demo_input.mp4"
-	@echo "edited: $(OUT)/demo_edited.mp4"
+	sana-stream demo --out $(OUT) --prompt "make the red circle blue"
 
 lint: setup
 	$(PYTHON) -m ruff check .

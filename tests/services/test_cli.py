@@ -1,4 +1,4 @@
-"""`sana-stream serve` and `sana-stream stream` as a user runs them: two processes, real gRPC, Ctrl-C stop."""
+"""`sana-stream serve`, `stream` and `demo` as a user runs them: real processes, real gRPC, Ctrl-C stop."""
 
 from __future__ import annotations
 
@@ -44,3 +44,18 @@ def test_serve_then_stream_a_clip(tmp_path):
         except subprocess.TimeoutExpired:
             serve.kill()
     assert serve.returncode == 0
+
+
+def test_demo_runs_the_whole_stack_in_one_command(tmp_path):
+    """`sana-stream demo` (the README's main command): generated clip in, streamed through the service, edited mp4
+    out with every frame, stack stopped (exit 0). The edit itself equals `sana-stream edit` (test_cluster)."""
+    from engine.video_io import read_video
+
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    cmd = [sys.executable, "-m", "services.cli", "demo", "--out", str(tmp_path), "--clip-frames", "17",
+           "--replicas", "bidirectional=0"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "FPS delivered" in r.stdout and "stack up on" in r.stdout
+    assert len(read_video(tmp_path / "demo_input.mp4", 128, 192).frames) == 17
+    assert len(read_video(tmp_path / "demo_streamed.mp4", 128, 192).frames) == 17
