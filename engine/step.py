@@ -11,6 +11,7 @@ instead). `ChunkRunner.run(jobs)` does that for many sessions at once:
   length (all sessions past chunk 1 do, with the default window).
 - **Fused projections.** Where the fast path is on (`fused_enabled`: CUDA, unless SANA_STREAM_FUSED=0), the
   runner fuses the model's projections once (`SanaStreamingDiT.fuse_projections`).
+- **Compiled blocks** with SANA_STREAM_COMPILE=1 (`compile_enabled`).
 - **CUDA graphs.** On CUDA each distinct signature (and batch size) is captured once into a graph over static
   buffers (`DiTModel.forward_step` is pure: no cache bookkeeping, no host synchronisation); a forward is then a few
   buffer copies and one replay. The first chunks of a stream have their own signatures (no history, then the
@@ -185,6 +186,12 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def compile_enabled(device: torch.device) -> bool:
+    """torch.compile the DiT blocks on CUDA when SANA_STREAM_COMPILE=1 (off by default: +5% DiT FPS at 2B,
+    loadtest/results/README.md, for ~11 s of compilation per new shape: batch size, window length)."""
+    return device.type == "cuda" and os.environ.get("SANA_STREAM_COMPILE", "0") == "1"
+
+
 def cuda_graphs_enabled(device: torch.device) -> bool:
     """Graphs on CUDA unless SANA_STREAM_CUDA_GRAPHS=0."""
     return device.type == "cuda" and os.environ.get("SANA_STREAM_CUDA_GRAPHS", "1") != "0"
@@ -202,6 +209,8 @@ class ChunkRunner:
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         if fused_enabled(self.device) and not model.training and not model.projections_fused:
             model.fuse_projections()
+        if compile_enabled(self.device) and not model.blocks_compiled:
+            model.compile_blocks()
 
     @property
     def num_graphs(self) -> int:

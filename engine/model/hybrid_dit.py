@@ -206,6 +206,10 @@ class SanaStreamingDiT(nn.Module):
             block.forward = torch.compile(block.forward, dynamic=False, mode=mode)
         return self
 
+    @property
+    def blocks_compiled(self) -> bool:
+        return "forward" in self.blocks[0].__dict__
+
     def uncompile_blocks(self) -> SanaStreamingDiT:
         """Undo `compile_blocks`."""
         for block in self.blocks:
