@@ -57,3 +57,22 @@ def copy_bandwidth() -> float:
     y = torch.empty_like(x)
     ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=20, rep=200, return_mode="median")
     return 2 * x.numel() * x.element_size() / (ms * 1e-3)
+
+
+def profile_kernels(fn: Callable[[], object], iters: int = 20) -> dict[str, float]:
+    """Average device microseconds per call of each kernel fn launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        tot = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if tot:
+            rows[e.key[:120]] = round(tot / iters, 2)
+    return rows

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from kernels.fused import naive
 from kernels.fused import triton_fused as tf
-from kernels.timing import copy_bandwidth, eager_us, graph_us
+from kernels.timing import copy_bandwidth, eager_us, graph_us, profile_kernels
 
 DEV = "cuda"
 T, GH, GW = 3, 22, 40
@@ -141,25 +141,6 @@ def tiling_of(op: str, cfg: tuple) -> object:
 
 
 # --- timing --------------------------------------------------------------------------------------------------
-
-
-def profile_kernels(fn: Callable[[], object], iters: int = 10) -> dict[str, float]:
-    """Average device microseconds per call of each kernel fn launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    rows = {}
-    for e in prof.key_averages():
-        tot = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-        if tot:
-            rows[e.key[:120]] = round(tot / iters, 2)
-    return rows
 
 
 def kernel_stats(fn: object) -> dict:

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from kernels.gdn import naive, naive_fused
 from kernels.gdn import triton_gdn as tg
-from kernels.timing import copy_bandwidth, eager_us, graph_us
+from kernels.timing import copy_bandwidth, eager_us, graph_us, profile_kernels
 
 DEV = "cuda"
 H, D, GRID_H, GRID_W = 20, 112, 22, 40
@@ -184,25 +184,6 @@ def timings(B: int, T: int, tiling: tg.GDNTiling, bw: float) -> dict:
     ]
     res["naive_scan_fp32_graph"] = graph_us(ns, reps=3, trials=5)
     return res
-
-
-def profile_kernels(fn: Callable[[], object], iters: int = 20) -> dict[str, float]:
-    """Average device microseconds per call of each kernel fn launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    rows = {}
-    for e in prof.key_averages():
-        tot = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-        if tot:
-            rows[e.key] = round(tot / iters, 2)
-    return rows
 
 
 def kernel_breakdown(tiling: tg.GDNTiling) -> dict:

@@ -99,6 +99,24 @@ def editor():
     return StreamingEditor(Engine.load("tiny", seed=0))
 
 
+def h264_stream(frames, **options) -> bytes:
+    """uint8 (n, h, w, 3) RGB frames -> an H.264 Annex-B byte stream (libx264, low latency; options added)."""
+    import av
+
+    enc = av.CodecContext.create("libx264", "w")
+    enc.height, enc.width, enc.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+    enc.options = {"preset": "ultrafast", "tune": "zerolatency", **options}
+    data = bytearray()
+    for i, f in enumerate(frames):
+        vf = av.VideoFrame.from_ndarray(f, format="rgb24")
+        vf.pts = i
+        for p in enc.encode(vf):
+            data += bytes(p)
+    for p in enc.encode(None):
+        data += bytes(p)
+    return bytes(data)
+
+
 def reference(editor, frames, prompt, *, seed=0, cut=24, prompts=None, total=True) -> np.ndarray:
     """The engine called directly, fed the same requests as the client sends (1 torch thread)."""
     from engine.session import SessionSettings

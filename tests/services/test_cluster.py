@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from services.routing import Route
-from tests.services.conftest import MAX_MESSAGE, H, W, reference
+from tests.services.conftest import MAX_MESSAGE, H, W, h264_stream, reference
 
 PROMPT = "make the red circle blue"
 STAGES = ("ingest", "generator", "egress")
@@ -228,23 +228,6 @@ def test_h264_in_and_out(client, clip):
     assert all(r.format == pb.FRAME_FORMAT_H264_ANNEXB for r in res.responses)
     out = _H264Decoder(H, W).push(res.h264, final=True)
     assert out.shape == (25, H, W, 3)
-
-
-def h264_stream(frames, **options) -> bytes:
-    import av
-
-    enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = W, H, "yuv420p"
-    enc.options = {"preset": "ultrafast", "tune": "zerolatency", **options}
-    data = bytearray()
-    for i, f in enumerate(frames):
-        vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-        vf.pts = i
-        for p in enc.encode(vf):
-            data += bytes(p)
-    for p in enc.encode(None):
-        data += bytes(p)
-    return bytes(data)
 
 
 def test_h264_session_resumes_after_ingest_is_killed(client, clip):

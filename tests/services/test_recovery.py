@@ -8,6 +8,7 @@ import pytest
 
 from services.ingest import _H264Decoder
 from services.recovery import CheckpointPolicy
+from tests.services.conftest import h264_stream
 
 H, W = 128, 192
 
@@ -22,22 +23,11 @@ def test_policy_cuts_must_be_a_pipeline_suffix():
 
 
 def test_h264_decoder_resumes_from_resync_bytes():
-    import av
 
     from engine.testclips import make_clip
 
     clip = make_clip(40, H, W, seed=5)
-    enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = W, H, "yuv420p"
-    enc.options = {"preset": "ultrafast", "tune": "zerolatency", "g": "8"}  # an IDR (with SPS/PPS) every 8 frames
-    data = bytearray()
-    for i, f in enumerate(clip):
-        vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-        vf.pts = i
-        for p in enc.encode(vf):
-            data += bytes(p)
-    for p in enc.encode(None):
-        data += bytes(p)
+    data = h264_stream(clip, g="8")  # an IDR (with SPS/PPS) every 8 frames
     pieces = [bytes(data[i : i + 3001]) for i in range(0, len(data), 3001)]  # cut anywhere, NAL units too
     cut = len(pieces) // 2
     a = _H264Decoder(H, W)
