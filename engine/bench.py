@@ -83,8 +83,17 @@ _ATTN = ("flash", "fmha", "attention", "attn")
 _NORM = ("norm", "elementwise", "vectorized", "reduce", "silu", "gelu", "softmax", "cat", "copy", "mul", "add", "rope")
 
 
-_FUSED = ("dwconv_glu", "ln_modulate", "rms_norm")  # our fused elementwise kernels ("conv" would match _GEMM)
-_GDN = ("_phase_a_kernel", "_phase_b_kernel", "_phase_c_kernel", "_rstd_kernel")  # kernels/gdn/triton_kernels.py
+# Our fused elementwise kernels (kernels/fused; "conv" in a name would match _GEMM).
+_FUSED = ("dwconv_glu", "ln_modulate", "rms_norm", "gated_residual", "silu_gate", "tconv_taps", "kv_append")
+# kernels/gdn/triton_kernels.py, and the GDN gates of kernels/fused/triton_block.py.
+_GDN = (
+    "_phase_a_kernel",
+    "_phase_b_kernel",
+    "_phase_c_kernel",
+    "_rstd_kernel",
+    "_gdn_beta_kernel",
+    "_gdn_decay_kernel",
+)
 
 
 def _category(kernel: str) -> str:

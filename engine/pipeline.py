@@ -332,6 +332,7 @@ class StreamingEditor:
             noise=frame_noise(s.seed, state.cursor.latents_generated, size, shape),
             text=text,
             mask=mask,
+            text_cache=(state.derived, state.text),
             schedule=StreamingSchedule(s.steps, s.flow_shift),
             cfg_scale=s.cfg_scale,
             efficient_cache=s.efficient_cache,

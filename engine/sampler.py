@@ -49,6 +49,10 @@ def bidirectional_prompt(prompt: str, motion_score: int = 10) -> str:
     return f"{prompt} motion score: {int(motion_score)}." if motion_score > 0 else prompt
 
 
+_DEVICE_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
+"""(device, timesteps, sigmas) -> the device tables: shared by every schedule (sessions make one per chunk)."""
+
+
 class StreamingSchedule:
     """The per-chunk timestep list and Euler update of the streaming sampler."""
 
@@ -75,7 +79,11 @@ class StreamingSchedule:
         device = torch.device(device)
         cached = self._device_tables.get(device)
         if cached is None:
-            cached = (self.timesteps.to(device), (self.sigmas[1:] - self.sigmas[:-1]).to(device))
+            key = (device, self.timesteps.numpy().tobytes(), self.sigmas.numpy().tobytes())
+            cached = _DEVICE_TABLES.get(key)
+            if cached is None:  # once per process and device: a pageable copy waits for the device to drain
+                cached = (self.timesteps.to(device), (self.sigmas[1:] - self.sigmas[:-1]).to(device))
+                _DEVICE_TABLES[key] = cached
             self._device_tables[device] = cached
         return cached
 

@@ -103,6 +103,9 @@ class SessionState:
     before a full chunk), "edited" (edited latents not yet decoded)."""
     text: dict[str, Tensor] = field(default_factory=dict)
     """Prompt embeddings in use: "embeds", "mask" (and "neg_embeds", "neg_mask" with CFG)."""
+    derived: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
+    """Values computed from the state and kept for the next chunks, never serialised (a restored session
+    recomputes them): the DiT's text keys/values for `text` (`engine.step.ChunkRunner`)."""
 
     # --- size -------------------------------------------------------------------------------------------
 

@@ -54,6 +54,9 @@ class ChunkJob:
     cfg_scale: float = 1.0
     efficient_cache: bool = False
     is_last: bool = False
+    text_cache: tuple[dict, object] | None = None
+    """(a dict the session keeps across chunks, the object whose identity marks the current prompt): where the
+    runner keeps the text's cross-attention keys/values instead of projecting the text again every chunk."""
     result: Tensor | None = field(default=None, init=False)
     """(1, C, T, h, w) fp32 denoised latents, set by `ChunkRunner.run`."""
     _reads: list[LayerRead] | None = field(default=None, init=False, repr=False)
@@ -65,7 +68,8 @@ class ChunkJob:
     def reads(self, model: SanaStreamingDiT) -> list[LayerRead]:
         """Every block's read of this session's cache for the chunk (built once: it concatenates the window)."""
         if self._reads is None:
-            self._reads = [self.cache.read(b.index) for b in model.blocks]
+            tokens = self.source.shape[2] * self.source.shape[3] * self.source.shape[4]
+            self._reads = [self.cache.read(b.index, tokens) for b in model.blocks]
         return self._reads
 
     def signature(self, model: SanaStreamingDiT) -> tuple:
@@ -100,6 +104,7 @@ def _cat_reads(per_job: list[list[LayerRead]]) -> list[LayerRead]:
                 if r0.past_kv is None
                 else (torch.cat([r.past_kv[0] for r in reads]), torch.cat([r.past_kv[1] for r in reads])),
                 ffn_ctx=None if r0.ffn_ctx is None else torch.cat([r.ffn_ctx for r in reads]),
+                kv_tail=r0.kv_tail,
             )
         )
     return out
@@ -159,7 +164,7 @@ def _static(v):
     if isinstance(v, tuple):
         return tuple(_static(x) for x in v)
     if isinstance(v, LayerRead):
-        return LayerRead(_static(v.gdn_state), _static(v.past_kv), _static(v.ffn_ctx))
+        return LayerRead(_static(v.gdn_state), _static(v.past_kv), _static(v.ffn_ctx), v.kv_tail)
     return v
 
 
@@ -187,8 +192,10 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def compile_enabled(device: torch.device) -> bool:
-    """torch.compile the DiT blocks on CUDA when SANA_STREAM_COMPILE=1 (off by default: +5% DiT FPS at 2B,
-    loadtest/results/README.md, for ~11 s of compilation per new shape: batch size, window length)."""
+    """torch.compile the DiT blocks on CUDA when SANA_STREAM_COMPILE=1. Off by default: since the block kernels
+    (kernels/fused/triton_block.py) it is slower than the default path at 2B (175 vs 192 DiT FPS: Inductor copies
+    the projections' column views before the custom ops; loadtest/results/README.md), and each new shape (batch
+    size, window length) costs ~11 s of compilation."""
     return device.type == "cuda" and os.environ.get("SANA_STREAM_COMPILE", "0") == "1"
 
 
@@ -231,10 +238,32 @@ class ChunkRunner:
         if not self.cuda_graphs:
             v, writes, _ = self.model.forward_step(**inputs)
             return v, writes
-        key = (*sig, inputs["x"].shape[0])
+        key = (*sig, inputs["x"].shape[0], inputs["text_mask"] is None)
         if key not in self._graphs:
             self._graphs[key] = _Graph(self.model, inputs, self._pool)
         return self._graphs[key](inputs, chunk_token)
+
+    def _text_context(self, jobs: list[ChunkJob]) -> tuple[list[tuple[Tensor, Tensor]], bool]:
+        """Every block's text keys/values for the jobs, stacked along the batch, and whether no text has padding
+        (then the cross-attention needs no mask). Computed once per prompt and session (kept in the job's
+        text_cache; the padding check reads the mask once), not per chunk: 20 small eager projections the host
+        would otherwise launch while the device waits."""
+        per_job, full = [], True
+        for j in jobs:
+            hit = j.text_cache[0].get("dit_text_ctx") if j.text_cache is not None else None
+            if hit is None or hit[0] is not j.text_cache[1] or hit[1] is not self.model:
+                owner = None if j.text_cache is None else j.text_cache[1]
+                # Unpadded text runs without a mask; checking reads the mask on the host: only when cached.
+                unpadded = owner is not None and bool(j.mask.bool().all())
+                hit = (owner, self.model, self.model.text_context(j.text), unpadded)
+                if j.text_cache is not None:
+                    j.text_cache[0]["dit_text_ctx"] = hit
+            per_job.append(hit[2])
+            full = full and hit[3]
+        if len(per_job) == 1:
+            return per_job[0], full
+        layers = range(len(per_job[0]))
+        return [(torch.cat([c[i][0] for c in per_job]), torch.cat([c[i][1] for c in per_job])) for i in layers], full
 
     def _run_group(self, sig: tuple, jobs: list[ChunkJob]) -> None:
         m = self.model
@@ -246,11 +275,12 @@ class ChunkRunner:
             return t.expand(job.branches, *t.shape[1:])
 
         rope = torch.cat([per_branch(m.rope.table(j.cache.next_frame, T, H, W, self.device)[None], j) for j in jobs])
+        text_ctx, unpadded = self._text_context(jobs)
         inputs = {
             "source": torch.cat([per_branch(j.source, j) for j in jobs]),
             "text": None,
-            "text_ctx": m.text_context(torch.cat([j.text for j in jobs])),  # once per chunk, not per forward
-            "text_mask": torch.cat([j.mask for j in jobs]),
+            "text_ctx": text_ctx,
+            "text_mask": None if unpadded else torch.cat([j.mask for j in jobs]),
             "rope": rope,
             "reads": _cat_reads([j.reads(m) for j in jobs]),
         }

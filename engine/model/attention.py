@@ -70,9 +70,12 @@ class SoftmaxAttention(nn.Module):
         rope: Tensor | None,
         past_kv: tuple[Tensor, Tensor] | None = None,
         rope_cs: tuple[Tensor, Tensor] | None = None,
+        kv_tail: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, N, C); rope (N, D/2) for the current tokens' absolute positions; past_kv: window keys (post-RoPE)
-        and values, each (B, M, heads, D); rope_cs: rope's fp32 (cos, sin) for the fused norm + RoPE kernel.
+        and values, each (B, M, heads, D); rope_cs: rope's fp32 (cos, sin) for the fused norm + RoPE kernel;
+        kv_tail: past_kv's last kv_tail (= N) rows are free: the current keys/values are written there in place
+        and attention reads the buffers as they are (no concatenation per call).
 
         Returns (out (B, N, C), (k, v) of the current tokens, (B, N, heads, D), for the cache)."""
         B, N, C = x.shape
@@ -93,13 +96,34 @@ class SoftmaxAttention(nn.Module):
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = v.reshape(shape)
         k_all, v_all = k, v
-        if past_kv is not None:
+        if past_kv is not None and kv_tail and torch.compiler.is_compiling():
+            # Compiled blocks: an in-place write into a block input would be functionalised into copies of the
+            # whole buffers; a concatenation of the history part is one fused copy instead.
+            k_all = torch.cat([past_kv[0][:, :-kv_tail].to(k.dtype), k], dim=1)
+            v_all = torch.cat([past_kv[1][:, :-kv_tail].to(v.dtype), v], dim=1)
+        elif past_kv is not None and kv_tail:
+            if kv_tail != N:
+                raise ValueError(f"the window buffers have room for {kv_tail} tokens, the chunk has {N}")
+            k_all, v_all = past_kv
+            if fast is not None and k_all.dtype == k.dtype == v.dtype:
+                fast.kv_append(k_all, v_all, k, v)
+            else:
+                k_all[:, -N:].copy_(k)
+                v_all[:, -N:].copy_(v)
+        elif past_kv is not None:
             k_all = torch.cat([past_kv[0].to(k.dtype), k], dim=1)
             v_all = torch.cat([past_kv[1].to(v.dtype), v], dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
+        if fast is not None:  # (B, N, heads, D) view of the output straight into the gate product
+            return self.proj(fast.silu_gate(out.transpose(1, 2), gate)), (k, v)
         out = out.transpose(1, 2).reshape(B, N, C).to(x.dtype)
         out = out * F.silu(gate.float()).to(x.dtype)
         return self.proj(out), (k, v)
+
+
+def text_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """The cross-attention's additive mask (B, 1, 1, L): (1 - mask) * -10000 in the activation dtype."""
+    return ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
 
 class CrossAttention(nn.Module):
@@ -123,14 +147,23 @@ class CrossAttention(nn.Module):
         k = self.k_norm(k).reshape(B, L, self.heads, self.head_dim).transpose(1, 2)
         return k, v.reshape(B, L, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, y: Tensor | None, mask: Tensor, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x (B, N, C); y (B, L, C) projected text, or its `text_kv` in kv; mask (B, L), 1 = token, 0 = padding."""
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None,
+        mask: Tensor | None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        """x (B, N, C); y (B, L, C) projected text, or its `text_kv` in kv; mask (B, L), 1 = token, 0 = padding,
+        or None = no padding; bias: `text_bias(mask)` computed beforehand (then mask is not read)."""
         B, N, C = x.shape
         fast = fast_ops.ops(x.device)
         q = self.q_linear(x)
         q = fast.rms_norm(q, self.q_norm.weight, self.q_norm.eps) if fast is not None else self.q_norm(q)
         q = q.reshape(B, N, self.heads, self.head_dim).transpose(1, 2)
         k, v = kv if kv is not None else self.text_kv(y)
-        bias = ((1 - mask.to(q.dtype)) * -10000.0)[:, None, None, :]
+        if bias is None and mask is not None:
+            bias = text_bias(mask, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))

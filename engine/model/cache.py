@@ -44,6 +44,16 @@ def _own(t: Tensor) -> Tensor:
     return t.detach().clone(memory_format=torch.contiguous_format)
 
 
+def _window_buffer(parts: list[Tensor], tail: int) -> Tensor:
+    """The parts (B, n_i, heads, D) one after another along dim 1, plus `tail` rows left uninitialised."""
+    if not tail:
+        return torch.cat(parts, dim=1)
+    first = parts[0]
+    out = first.new_empty((first.shape[0], sum(p.shape[1] for p in parts) + tail, *first.shape[2:]))
+    torch.cat(parts, dim=1, out=out[:, :-tail])
+    return out
+
+
 @dataclass
 class LayerRead:
     """What one block reads from the cache for the current chunk."""
@@ -51,6 +61,10 @@ class LayerRead:
     gdn_state: tuple[Tensor, Tensor] | None = None
     past_kv: tuple[Tensor, Tensor] | None = None
     ffn_ctx: Tensor | None = None
+    kv_tail: int = 0
+    """Rows at the end of past_kv's buffers that are not history but room for the current chunk's keys/values
+    (`DiTCache.read(tail_tokens=...)`): the attention layer writes them there and attends over the whole buffer,
+    instead of concatenating window and chunk in every forward."""
 
 
 @dataclass
@@ -88,16 +102,18 @@ class DiTCache:
     def window(self, chunk: int | None = None) -> list[int]:
         return softmax_window(self.chunk_index if chunk is None else chunk, self.num_cached_blocks, self.sink_token)
 
-    def read(self, layer: int) -> LayerRead:
+    def read(self, layer: int, tail_tokens: int = 0) -> LayerRead:
+        """What `layer` reads for the next chunk. tail_tokens > 0 (inference): the softmax window's key/value
+        buffers get that many more rows at the end, for the chunk's own keys/values (`LayerRead.kv_tail`)."""
         if layer not in self.softmax_layers:
             return LayerRead(gdn_state=self.gdn.get(layer), ffn_ctx=self.ffn.get(layer))
         chunks = self.kv.get(layer, {})
         window = [c for c in self.window() if c in chunks]
         if not window:
             return LayerRead()
-        k = torch.cat([chunks[c]["k"] for c in window], dim=1)
-        v = torch.cat([chunks[c]["v"] for c in window], dim=1)
-        return LayerRead(past_kv=(k, v), ffn_ctx=chunks[window[-1]]["ffn"])
+        k = _window_buffer([chunks[c]["k"] for c in window], tail_tokens)
+        v = _window_buffer([chunks[c]["v"] for c in window], tail_tokens)
+        return LayerRead(past_kv=(k, v), ffn_ctx=chunks[window[-1]]["ffn"], kv_tail=tail_tokens)
 
     def write(self, writes: list[LayerWrite], frames: int) -> None:
         """Store the current chunk's outputs of every block, then drop what no later window can use.

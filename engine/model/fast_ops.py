@@ -1,9 +1,10 @@
 """The DiT block's fused memory-bound ops (`kernels.fused`), dispatched: Triton kernels on the fast path, the
 plain-PyTorch references elsewhere.
 
-`ops(device)` returns an object with `dwconv_glu`, `ln_modulate`, `residual_ln_modulate` and `rms_norm` (the
-signatures of `kernels.fused.naive`), or None where the block should run its own op-by-op code (the reference
-path: CPUs, or SANA_STREAM_FUSED=0, see `fused_enabled`). `gdn_mixer()` is the fused GDN layer. The Triton
+`ops(device)` returns an object with `dwconv_glu`, `ln_modulate`, `residual_ln_modulate`, `rms_norm`,
+`gated_residual`, `kv_append`, `silu_gate`, `tconv_taps` and `gdn_gates` (the signatures of
+`kernels.fused.naive`), or None where the block should run its own op-by-op code (the reference path: CPUs, or
+SANA_STREAM_FUSED=0, see `fused_enabled`). `gdn_mixer()` is the fused GDN layer. The Triton
 launchers are registered as torch custom ops (`sana::...`) with shape-only fake implementations, so
 `torch.compile`d blocks keep them as single opaque calls instead of tracing into the launchers' Python.
 
@@ -30,8 +31,31 @@ def fused_enabled(device: torch.device) -> bool:
     return device.type == "cuda" if mode == "auto" else mode == "1"
 
 
-@functools.cache
+_MEMO: dict[str, object] = {}
+"""Built once per process (plain dict, not functools.cache: torch.compile traces through cache wrappers, and
+tracing an op's registration breaks the graph; `warm` fills it before any compiled call)."""
+
+
+def _memo(name: str, build):
+    if name not in _MEMO:
+        _MEMO[name] = build()
+    return _MEMO[name]
+
+
+def warm(device: torch.device) -> None:
+    """Register the custom ops and resolve the dispatch for `device` now (before torch.compile traces a block)."""
+    from engine.model.gdn import gdn_backend
+
+    ops(device)
+    gdn_mixer()
+    gdn_backend(device)
+
+
 def _registered() -> SimpleNamespace | None:
+    return _memo("ops", _register)  # type: ignore[return-value]
+
+
+def _register() -> SimpleNamespace | None:
     """Register the custom ops once; None where triton (or the kernels module) does not import."""
     from kernels.fused import triton_ops
 
@@ -79,15 +103,68 @@ def _registered() -> SimpleNamespace | None:
     def _(x, weight, eps, cos=None, sin=None, head_dim=0):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    from kernels.fused import triton_block
+
+    @torch.library.custom_op("sana::gated_residual", mutates_args=())
+    def gated_residual(x: Tensor, gate: Tensor, delta: Tensor) -> Tensor:
+        return triton_block.gated_residual(x, gate, delta)
+
+    @gated_residual.register_fake
+    def _(x, gate, delta):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.custom_op("sana::silu_gate", mutates_args=())
+    def silu_gate(out: Tensor, gate: Tensor) -> Tensor:
+        return triton_block.silu_gate(out, gate)
+
+    @silu_gate.register_fake
+    def _(out, gate):
+        return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+    @torch.library.custom_op("sana::kv_append", mutates_args=("k_buf", "v_buf"))
+    def kv_append(k_buf: Tensor, v_buf: Tensor, k: Tensor, v: Tensor) -> None:
+        triton_block.kv_append(k_buf, v_buf, k, v)
+
+    @kv_append.register_fake
+    def _(k_buf, v_buf, k, v):
+        return None
+
+    @torch.library.custom_op("sana::tconv_taps", mutates_args=())
+    def tconv_taps(y: Tensor, ctx: Tensor | None) -> Tensor:
+        return triton_block.tconv_taps(y, ctx)
+
+    @tconv_taps.register_fake
+    def _(y, ctx):
+        B, T, S, C = y.shape
+        return y.new_empty((B, T, S, 3 * C))
+
+    @torch.library.custom_op("sana::gdn_gates", mutates_args=())
+    def gdn_gates(p: Tensor, heads: int, frames: int, a_log: Tensor, dt_bias: Tensor, col: int) -> list[Tensor]:
+        beta, decay = triton_block.gdn_gates(p, heads, frames, a_log, dt_bias, col)
+        return [beta.permute(0, 2, 3, 1), decay]  # beta as its (B, T, S, heads) storage: no output aliasing
+
+    @gdn_gates.register_fake
+    def _(p, heads, frames, a_log, dt_bias, col):
+        B, N, _ = p.shape
+        return [p.new_empty((B, frames, N // frames, heads)), p.new_empty((B, heads, frames))]
+
+    def gates(p: Tensor, heads: int, frames: int, a_log: Tensor, dt_bias: Tensor, col: int) -> tuple[Tensor, Tensor]:
+        beta, decay = gdn_gates(p, heads, frames, a_log, dt_bias, col)
+        return beta.permute(0, 3, 1, 2), decay
+
     return SimpleNamespace(
-        dwconv_glu=dwconv_glu, ln_modulate=ln_modulate, residual_ln_modulate=residual_ln_modulate, rms_norm=rms_norm
-    )
+        dwconv_glu=dwconv_glu, ln_modulate=ln_modulate, residual_ln_modulate=residual_ln_modulate, rms_norm=rms_norm,
+        gated_residual=gated_residual, kv_append=kv_append, silu_gate=silu_gate, tconv_taps=tconv_taps, gdn_gates=gates,
+    )  # fmt: skip
 
 
-@functools.cache
 def gdn_mixer():
     """`kernels.gdn.triton_gdn.fused_gdn_layer` as the custom op `sana::gdn_mixer` (None without triton), so
     compiled blocks call it without a graph break."""
+    return _memo("gdn_mixer", _register_gdn_mixer)
+
+
+def _register_gdn_mixer():
     from kernels.gdn import triton_ops
 
     g = triton_ops()

@@ -38,9 +38,10 @@ def gdn_backend(device: torch.device) -> str:
     mode = os.environ.get("SANA_STREAM_GDN", "auto").strip().lower() or "auto"
     if mode not in GDN_BACKENDS:
         raise ValueError(f"SANA_STREAM_GDN must be one of {', '.join(GDN_BACKENDS)}, got {mode!r}")
+    available = fast_ops._memo("gdn_triton", lambda: triton_ops() is not None)
     if mode == "auto":
-        return "triton" if device.type == "cuda" and triton_ops() is not None else "naive"
-    if mode == "triton" and triton_ops() is None:
+        return "triton" if device.type == "cuda" and available else "naive"
+    if mode == "triton" and not available:
         raise RuntimeError("SANA_STREAM_GDN=triton but triton cannot be imported here")
     return mode
 
@@ -87,18 +88,23 @@ class GDNAttention(nn.Module):
     def unfuse(self) -> None:
         self.fused_in_w = self.fused_in_b = None
 
-    def projections(self, x: Tensor, hw: tuple[int, int, int]) -> tuple[Tensor, ...]:
+    def projections(self, x: Tensor, hw: tuple[int, int, int], kernels: bool = True) -> tuple[Tensor, ...]:
         """q_raw, k_raw, v, gate (B, N, C) (before norm / activation), beta (B, H, T, S), decay (B, H, T).
 
         beta = sigmoid(beta_proj(x)); decay = exp(-exp(A_log) * softplus(gate_proj(mean_s x) + dt_bias)) in fp32,
         both rounded to x's dtype like the release. With `fuse`d weights one GEMM makes all six (the columns are
-        views of its output, unit channel stride) and the gate's frame mean is taken of the projected tokens."""
+        views of its output, unit channel stride) and the gate's frame mean is taken of the projected tokens; on the
+        fused path (`fast_ops`, unless kernels=False) both gates come from one kernel (`triton_block.gdn_gates`)."""
         B, N, C = x.shape
         T, S = hw[0], hw[1] * hw[2]
         heads = self.heads
         if self.fused_in_w is not None:
             p = F.linear(x, self.fused_in_w, self.fused_in_b)
             q_raw, k_raw, v, gate = (p[..., i * C : (i + 1) * C] for i in range(4))
+            fast = fast_ops.ops(x.device) if kernels else None
+            if fast is not None:
+                beta, decay = fast.gdn_gates(p, heads, T, self.A_log, self.dt_bias, 4 * C)
+                return q_raw, k_raw, v, gate, beta, decay
             beta = p[..., 4 * C : 4 * C + heads].sigmoid()
             a = p[..., 4 * C + heads :].reshape(B, T, S, heads).float().mean(dim=2)  # (B, T, heads)
         else:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from engine.config import DiTConfig
 from engine.model import fast_ops
-from engine.model.attention import CrossAttention, SoftmaxAttention
+from engine.model.attention import CrossAttention, SoftmaxAttention, text_bias
 from engine.model.cache import DiTCache, LayerRead, LayerWrite
 from engine.model.gdn import GDNAttention, gdn_backend
 from engine.model.layers import (
@@ -71,42 +71,55 @@ class HybridBlock(nn.Module):
         self,
         x: Tensor,
         y: Tensor | None,
-        mask: Tensor,
+        text_bias: Tensor | None,
         t0: Tensor,
         hw: tuple[int, int, int],
         rope: Tensor | None,
         read: LayerRead,
         text_kv: tuple[Tensor, Tensor] | None = None,
         rope_cs: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, LayerWrite, Tensor]:
-        """y: the projected text, or None with its cross-attention keys/values in text_kv. rope_cs: the fp32
+        residual: tuple[Tensor, Tensor] | None = None,
+        defer: bool = False,
+    ) -> tuple[Tensor, LayerWrite, Tensor, tuple[Tensor, Tensor] | None]:
+        """y: the projected text, or None with its cross-attention keys/values in text_kv; text_bias: the
+        cross-attention mask (`attention.text_bias`), None without padding. rope_cs: the fp32
         (cos, sin) tables of rope for the fused kernels, when the model built them for all layers.
-        Returns (x, what the cache may keep, self-attention output before gate1 (for inspection))."""
+        residual: the previous block's deferred FFN residual (delta, gate): this block's input is x + gate * delta,
+        computed together with its first LayerNorm. defer: return this block's FFN residual that way instead of
+        applying it (then x is returned without it).
+        Returns (x, what the cache may keep, self-attention output before gate1 (for inspection), the deferred
+        residual or None)."""
         B, N, C = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t0.reshape(B, 6, C)).chunk(
             6, dim=1
         )
         fast = fast_ops.ops(x.device)
-        if fast is not None:
+        if fast is not None and residual is not None:
+            x, h = fast.residual_ln_modulate(x, residual[0], residual[1], shift1, scale1, self.eps)
+        elif fast is not None:
             h = fast.ln_modulate(x, shift1, scale1, self.eps)
         else:
+            if residual is not None:
+                x = x + residual[1] * residual[0]
             h = modulate(layer_norm(x, self.eps), shift1, scale1)
         write = LayerWrite()
         if self.is_softmax:
-            attn_out, write.kv = self.attn(h, rope, read.past_kv, rope_cs)
+            attn_out, write.kv = self.attn(h, rope, read.past_kv, rope_cs, read.kv_tail)
         else:
             attn_out, write.gdn_state = self.attn(h, hw, rope if rope_cs is None else rope_cs, read.gdn_state)
-        # Gated residuals: one kernel on the fast path (addcmul rounds once, the reference rounds gate * out too).
-        x = torch.addcmul(x, gate1, attn_out) if fast is not None else x + gate1 * attn_out
-        cross = self.cross_attn(x, y, mask, text_kv)
+        # Gated residuals: one kernel on the fast path (rounding once; the reference rounds gate * out too).
+        x = fast.gated_residual(x, gate1, attn_out) if fast is not None else x + gate1 * attn_out
+        cross = self.cross_attn(x, y, None, text_kv, bias=text_bias)
         if fast is not None:
             x, h = fast.residual_ln_modulate(x, cross, None, shift2, scale2, self.eps)
         else:
             x = x + cross
             h = modulate(layer_norm(x, self.eps), shift2, scale2)
         ffn_out, write.ffn_last = self.mlp(h, hw, read.ffn_ctx)
-        x = torch.addcmul(x, gate2, ffn_out) if fast is not None else x + gate2 * ffn_out
-        return x, write, attn_out
+        if defer:
+            return x, write, attn_out, (ffn_out, gate2)
+        x = fast.gated_residual(x, gate2, ffn_out) if fast is not None else x + gate2 * ffn_out
+        return x, write, attn_out, None
 
 
 def _drop_fused(module: SanaStreamingDiT, _incompatible) -> None:
@@ -202,6 +215,7 @@ class SanaStreamingDiT(nn.Module):
     def compile_blocks(self, mode: str | None = None) -> SanaStreamingDiT:
         """torch.compile each block (static shapes): fuses the norms, modulation, RoPE and gating around the GEMMs.
         Works with `ChunkRunner`'s CUDA graphs (capture happens after the compiled warm-up)."""
+        fast_ops.warm(self.x_embedder.proj.weight.device)  # no op registration inside traced code
         for block in self.blocks:
             block.forward = torch.compile(block.forward, dynamic=False, mode=mode)
         return self
@@ -266,7 +280,9 @@ class SanaStreamingDiT(nn.Module):
         if start_frame is None:
             start_frame = cache.next_frame if cache is not None else 0
         rope = self.rope.table(start_frame, T, H, W, x.device)
-        reads = [cache.read(b.index) for b in self.blocks] if cache is not None else None
+        # Without autograd the window buffers get room for this chunk's keys/values (no concatenation per layer).
+        tail = 0 if torch.is_grad_enabled() else T * H * W
+        reads = [cache.read(b.index, tail) for b in self.blocks] if cache is not None else None
         v, writes, mids = self.forward_step(x, source, timestep, text, text_mask, rope, reads, return_intermediates)
         if cache is not None and save_cache:
             cache.write(writes, T)
@@ -278,7 +294,7 @@ class SanaStreamingDiT(nn.Module):
         source: Tensor,
         timestep: Tensor,
         text: Tensor | None,
-        text_mask: Tensor,
+        text_mask: Tensor | None,
         rope: Tensor,
         reads: list[LayerRead] | None = None,
         return_intermediates: bool = False,
@@ -291,6 +307,7 @@ class SanaStreamingDiT(nn.Module):
             rope: complex128 (N, D/2) for all samples, or (B, N, D/2) per sample (sessions at different frames).
             reads: per block, what it reads from its session's history (batched along B); None = no history.
             text_ctx: `text_context(text)` computed beforehand (then text may be None).
+            text_mask may be None: no padding in any sample's text (the cross-attention runs unmasked).
 
         Returns: (velocity, per-block writes for the cache, intermediates (empty unless asked)).
         """
@@ -302,7 +319,8 @@ class SanaStreamingDiT(nn.Module):
         t_emb = self.t_embedder(timestep.to(x.device))
         t0 = self.t_block(t_emb)
         y = self.embed_text(text) if text_ctx is None else None
-        mask = text_mask.to(x.device)
+        # The cross-attention bias once for every block; None = no padding (an unmasked attention kernel).
+        bias = None if text_mask is None else text_bias(text_mask.to(x.device), self.dtype)
         mids: dict[str, Tensor] = {}
         if return_intermediates:
             mids.update(tokens=tokens, t_emb=t_emb, t0=t0)
@@ -313,14 +331,19 @@ class SanaStreamingDiT(nn.Module):
         fast = gdn_backend(x.device) == "triton" or fast_ops.ops(x.device) is not None
         rope_cs = fast_ops.rope_cos_sin(rope) if fast else None
         h = tokens
+        # On the fused path each block's FFN residual is applied by the next block, with its first LayerNorm.
+        defer = fast_ops.ops(x.device) is not None and not return_intermediates
+        pending = None
         for block in self.blocks:
             read = reads[block.index] if reads is not None else LayerRead()
             kv = text_ctx[block.index] if text_ctx is not None else None
-            h, write, attn_out = block(h, y, mask, t0, hw, rope, read, kv, rope_cs)
+            h, write, attn_out, pending = block(h, y, bias, t0, hw, rope, read, kv, rope_cs, pending, defer)
             writes.append(write)
             if return_intermediates:
                 mids[f"block{block.index}.self_attn_out"] = attn_out
                 mids[f"block{block.index}.out"] = h
+        if pending is not None:
+            h = fast_ops.ops(x.device).gated_residual(h, pending[1], pending[0])
         out = self.final_layer(h, t_emb)  # (B, N, Cout)
         return out.transpose(1, 2).reshape(B, -1, T, H, W), writes, mids
 

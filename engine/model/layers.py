@@ -236,6 +236,14 @@ class GLUMBConvTemp(nn.Module):
         kernel taps side by side."""
         B, N, C = x.shape
         y = self.spatial(x, hw)  # (B, T, S, C)
+        fast = fast_ops.ops(x.device)
+        if fast is not None:  # taps in one pass; y += taps W^T in place, in the GEMM's epilogue (beta = 1)
+            taps = fast.tconv_taps(y, ctx)
+            # The next chunk's context is y's last frame before the in-place update: the middle third of the
+            # last frame's taps holds exactly that (a view, no copy).
+            last = taps[:, -1:, :, C : 2 * C].permute(0, 3, 1, 2)
+            out = y.reshape(-1, C).addmm_(taps.reshape(-1, 3 * C), self.t_conv_taps().t())
+            return out.reshape(B, N, C), last
         left = torch.zeros_like(y[:, :1]) if ctx is None else ctx.to(y.dtype).permute(0, 2, 3, 1)
         padded = torch.cat([left, y, torch.zeros_like(y[:, :1])], dim=1)  # (B, T+2, S, C)
         T = y.shape[1]

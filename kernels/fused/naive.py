@@ -6,6 +6,11 @@
 - `residual_ln_modulate`: the residual update `x + gate * delta` followed by the next LayerNorm + modulate.
 - `rms_norm`: `RMSNorm` (engine/model/layers.py), optionally followed by `apply_rope`'s fp32 rotation: the
   q / k norms of the softmax and cross-attention layers.
+- `gated_residual`: the self-attention residual x + gate * attn_out (fp32, rounded once: torch.addcmul).
+- `kv_append`: the current keys/values written into the window buffers' free tail (`SoftmaxAttention.forward`).
+- `silu_gate`: the softmax layers' output gate, out * SiLU(gate) (`SoftmaxAttention.forward`).
+- `tconv_taps`: the FFN temporal conv's [previous | current | next] frame features (`GLUMBConvTemp.forward`).
+- `gdn_gates`: beta and decay of the GDN layer from its fused projections (`GDNAttention.projections`).
 
 Every op runs in the inputs' dtype as PyTorch runs it (bf16 ops compute in fp32 and round their result to bf16),
 so each op's output is a rounding point the Triton kernels reproduce (kernels/fused/README.md lists them).
@@ -18,7 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dwconv_glu", "ln_modulate", "residual_ln_modulate", "rms_norm"]
+__all__ = [
+    "dwconv_glu",
+    "gated_residual",
+    "gdn_gates",
+    "kv_append",
+    "ln_modulate",
+    "residual_ln_modulate",
+    "rms_norm",
+    "silu_gate",
+    "tconv_taps",
+]
 
 
 def dwconv_glu(u: Tensor, weight: Tensor, bias: Tensor | None, frames: int, height: int, width: int) -> Tensor:
@@ -79,3 +94,42 @@ def rms_norm(
     c, s = cos.reshape(-1, N, 1, head_dim // 2), sin.reshape(-1, N, 1, head_dim // 2)
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack([a * c - b * s, a * s + b * c], dim=-1).reshape(B, N, C).to(x.dtype)
+
+
+def gated_residual(x: Tensor, gate: Tensor, delta: Tensor) -> Tensor:
+    """x + gate * delta in fp32, rounded once to x's dtype; gate (B, 1, C) / (B, C) or (1, 1, C)."""
+    g = gate.reshape(-1, 1, x.shape[-1]).float()
+    return (x.float() + g * delta.float()).to(x.dtype)
+
+
+def kv_append(k_buf: Tensor, v_buf: Tensor, k: Tensor, v: Tensor) -> None:
+    """k_buf[:, -N:] = k and v_buf[:, -N:] = v (N = k.shape[1]), in place."""
+    N = k.shape[1]
+    k_buf[:, -N:].copy_(k)
+    v_buf[:, -N:].copy_(v)
+
+
+def silu_gate(out: Tensor, gate: Tensor) -> Tensor:
+    """out (B, N, heads, D) times SiLU(gate (B, N, C)): out in gate's dtype, SiLU in fp32 rounded to it."""
+    B, N, _ = gate.shape
+    return out.reshape(B, N, -1).to(gate.dtype) * F.silu(gate.float()).to(gate.dtype)
+
+
+def tconv_taps(y: Tensor, ctx: Tensor | None) -> Tensor:
+    """(B, T, S, 3C): for each frame t of y (B, T, S, C), [frame t-1 | frame t | frame t+1], frame -1 = ctx
+    (B, C, 1, S) in y's dtype or zeros, frame T = zeros."""
+    left = torch.zeros_like(y[:, :1]) if ctx is None else ctx.to(y.dtype).permute(0, 2, 3, 1)
+    padded = torch.cat([left, y, torch.zeros_like(y[:, :1])], dim=1)  # (B, T+2, S, C)
+    T = y.shape[1]
+    return torch.cat([padded[:, k : k + T] for k in range(3)], dim=-1)
+
+
+def gdn_gates(p: Tensor, heads: int, frames: int, a_log: Tensor, dt_bias: Tensor, col: int) -> tuple[Tensor, Tensor]:
+    """beta (B, heads, T, S) = sigmoid(p[..., col : col + heads]) and decay (B, heads, T) = exp(-exp(a_log) *
+    softplus(frame mean of p[..., col + heads : col + 2 heads] + dt_bias)), fp32 maths, in p's dtype."""
+    B, N, _ = p.shape
+    T, S = frames, N // frames
+    beta = p[..., col : col + heads].float().sigmoid().to(p.dtype).reshape(B, T, S, heads).permute(0, 3, 1, 2)
+    a = p[..., col + heads : col + 2 * heads].float().reshape(B, T, S, heads).mean(dim=2)
+    decay = torch.exp(-a_log.float().exp() * F.softplus(a + dt_bias.float()))
+    return beta, decay.transpose(1, 2).to(p.dtype)

@@ -4,8 +4,8 @@
 applied in fp32, one rounding to x's dtype) and, given fp32 cos / sin tables, then `apply_rope`'s fast mode on
 the rounded result (each head's channel pairs (2i, 2i+1) rotated in fp32, rounded again): the softmax layers'
 `q_norm -> RoPE`. The plain-PyTorch reference is `kernels.fused.naive.rms_norm`. A program holds ROWS whole
-tokens as (even, odd) channel pairs, so the rotation needs no shuffles. Inference only; CUDA, or CPU tensors
-under TRITON_INTERPRET=1.
+tokens, as (even, odd) channel pairs with RoPE (the rotation then needs no shuffles), as plain rows without.
+Inference only; CUDA, or CPU tensors under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -30,17 +30,26 @@ def _rms_norm_kernel(
     """ROWS tokens per program; a token's C channels as BLOCK_P (even, odd) pairs (RoPE rotates pairs)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b, n = rows // N, rows % N
-    p = tl.arange(0, BLOCK_P)
-    mask = (rows < M)[:, None] & (p < C // 2)[None, :]
-    src = x_ptr + b[:, None] * s_xb + n[:, None] * s_xn + 2 * p[None, :]
-    xe = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xe * xe + xo * xo, axis=1) / C + eps)
-    we = tl.load(w_ptr + 2 * p, mask=p < C // 2, other=0.0).to(tl.float32)
-    wo = tl.load(w_ptr + 2 * p + 1, mask=p < C // 2, other=0.0).to(tl.float32)
-    ye = we[None, :] * (xe * rstd[:, None])
-    yo = wo[None, :] * (xo * rstd[:, None])
-    if ROPE:  # the reference rounds the norm's output, then rotates in fp32
+    if not ROPE:  # plain RMSNorm: whole rows, contiguous loads (the pair split below reads every other element)
+        c = tl.arange(0, 2 * BLOCK_P)
+        cm = (rows < M)[:, None] & (c < C)[None, :]
+        x = tl.load(x_ptr + b[:, None] * s_xb + n[:, None] * s_xn + c[None, :], mask=cm, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / C + eps)
+        w = tl.load(w_ptr + c, mask=c < C, other=0.0).to(tl.float32)
+        y = w[None, :] * (x * rstd[:, None])
+        tl.store(out_ptr + b[:, None] * s_ob + n[:, None] * s_on + c[None, :], _out(y, out_ptr, R_Y, INTERP), mask=cm)
+    else:
+        p = tl.arange(0, BLOCK_P)
+        mask = (rows < M)[:, None] & (p < C // 2)[None, :]
+        src = x_ptr + b[:, None] * s_xb + n[:, None] * s_xn + 2 * p[None, :]
+        xe = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        xo = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xe * xe + xo * xo, axis=1) / C + eps)
+        we = tl.load(w_ptr + 2 * p, mask=p < C // 2, other=0.0).to(tl.float32)
+        wo = tl.load(w_ptr + 2 * p + 1, mask=p < C // 2, other=0.0).to(tl.float32)
+        ye = we[None, :] * (xe * rstd[:, None])
+        yo = wo[None, :] * (xo * rstd[:, None])
+        # the reference rounds the norm's output, then rotates in fp32
         ye = _rnd(ye, R_Y, INTERP)
         yo = _rnd(yo, R_Y, INTERP)
         j = p % HALF_D
@@ -48,9 +57,9 @@ def _rms_norm_kernel(
         cs = tl.load(cos_ptr + tab, mask=mask, other=0.0).to(tl.float32)
         sn = tl.load(sin_ptr + tab, mask=mask, other=0.0).to(tl.float32)
         ye, yo = ye * cs - yo * sn, ye * sn + yo * cs
-    dst = out_ptr + b[:, None] * s_ob + n[:, None] * s_on + 2 * p[None, :]
-    tl.store(dst, _out(ye, out_ptr, R_Y, INTERP), mask=mask)
-    tl.store(dst + 1, _out(yo, out_ptr, R_Y, INTERP), mask=mask)
+        dst = out_ptr + b[:, None] * s_ob + n[:, None] * s_on + 2 * p[None, :]
+        tl.store(dst, _out(ye, out_ptr, R_Y, INTERP), mask=mask)
+        tl.store(dst + 1, _out(yo, out_ptr, R_Y, INTERP), mask=mask)
 
 
 def rms_norm(

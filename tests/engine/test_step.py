@@ -97,3 +97,37 @@ def test_same_session_twice_is_refused(editor):
     st = editor.open(_settings("a", 1))
     with pytest.raises(ValueError, match="twice"):
         editor.generate_batch([(st, _sources(3, 1), False), (st, _sources(3, 2), False)])
+
+
+def test_text_context_is_computed_once_per_prompt(editor, monkeypatch):
+    """The runner projects a session's text for cross-attention once per prompt, not per chunk; a new prompt
+    (set_prompt) is projected again, and a restored session recomputes it (never serialised)."""
+    dit = editor.engine.dit
+    calls = []
+    original = dit.text_context
+    monkeypatch.setattr(dit, "text_context", lambda text: calls.append(text.shape) or original(text))
+    C = dit.cfg.in_channels
+    state = editor.open(_settings("make the red circle blue", 1))
+    editor.generate(state, torch.randn(1, C, 11, 4, 6, generator=torch.Generator().manual_seed(0)))
+    assert len(calls) == 1  # three chunks, one projection
+    editor.set_prompt(state, "convert to grayscale")
+    editor.generate(state, torch.randn(1, C, 3, 4, 6))
+    assert len(calls) == 2
+    restored = editor.restore(state.snapshot())
+    assert "dit_text_ctx" not in restored.derived
+    editor.generate(restored, torch.randn(1, C, 3, 4, 6))
+    assert len(calls) == 3
+
+
+def test_unpadded_text_runs_without_a_mask(editor):
+    """text_mask None (no padding anywhere) computes what an all-ones mask computes."""
+    dit = editor.engine.dit
+    g = torch.Generator().manual_seed(5)
+    C, L = dit.cfg.in_channels, dit.cfg.text_len
+    x, src = torch.randn(1, C, 3, 4, 6, generator=g), torch.randn(1, C, 3, 4, 6, generator=g)
+    text = torch.randn(1, L, dit.cfg.caption_channels, generator=g)
+    t = torch.full((1,), 700.0)
+    with torch.no_grad():
+        masked = dit(x, src, t, text, torch.ones(1, L, dtype=torch.int64))
+        unmasked = dit(x, src, t, text, None)
+    torch.testing.assert_close(unmasked, masked, atol=1e-5, rtol=1e-5)

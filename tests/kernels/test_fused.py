@@ -20,12 +20,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
 
-from tests.kernels.interpreter import fresh_process, in_process, require_interpreter, run_in_fresh_process
+from tests.kernels.interpreter import fresh_process, in_process, poisoned, require_interpreter, run_in_fresh_process
 
 require_interpreter()
 
@@ -38,14 +37,7 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    """Every launcher allocation starts as NaN; the interpreter's exp(-u) overflow warnings are expected."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(tf, "_empty", nan_empty)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+    with poisoned(monkeypatch, tf):
         yield
 
 
