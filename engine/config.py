@@ -209,14 +209,16 @@ LTX2_VAE_KWARGS: dict[str, Any] = dict(
     temporal_compression_ratio=8,
 )
 
-# Same class and stage layout, small widths: 32x spatial and 8x temporal compression like the real one.
+# Same class and stage layout, small widths: 32x spatial and 8x temporal compression like the real one. 64 latent
+# channels (the real: 128); the encoder's full-resolution stage (whose width is the latent width in this class) has
+# no resnet and the decoder's none at full resolution, which keeps CPU inference cheap (~5.3M parameters).
 TINY_VAE_KWARGS: dict[str, Any] = dict(
     LTX2_VAE_KWARGS,
-    latent_channels=16,
-    block_out_channels=(16, 32, 32, 32),
-    decoder_block_out_channels=(16, 32, 64),  # must double per stage like the real (256, 512, 1024)
-    layers_per_block=(1, 1, 1, 1, 1),
-    decoder_layers_per_block=(1, 1, 1, 1),
+    latent_channels=64,
+    block_out_channels=(16, 32, 64, 128),
+    decoder_block_out_channels=(32, 64, 128),  # must double per stage like the real (256, 512, 1024)
+    layers_per_block=(0, 1, 1, 1, 1),
+    decoder_layers_per_block=(0, 1, 1, 1),
 )
 
 TINY_GEMMA_KWARGS: dict[str, Any] = dict(
@@ -235,12 +237,12 @@ TINY_GEMMA_KWARGS: dict[str, Any] = dict(
 _AR_DIT = DiTConfig(streaming=True)
 _BIDI_DIT = DiTConfig(streaming=False)
 _TINY_DIT = DiTConfig(
-    hidden_size=96,
+    hidden_size=128,
     depth=4,
-    num_heads=3,
+    num_heads=4,
     head_dim=32,
-    in_channels=16,
-    source_channels=16,
+    in_channels=64,
+    source_channels=64,
     caption_channels=64,
     text_len=64,
     streaming=True,
@@ -280,7 +282,7 @@ PRESETS: dict[str, PresetConfig] = {
         vae_weights=str(ASSETS / "tiny" / "vae.safetensors"),
         text_weights=str(ASSETS / "tiny" / "text"),
         dit=_TINY_DIT,
-        vae=VAEConfig(diffusers_kwargs=TINY_VAE_KWARGS, latent_channels=16),
+        vae=VAEConfig(diffusers_kwargs=TINY_VAE_KWARGS, latent_channels=64),
         text=TextConfig(hidden_size=64, text_len=64, gemma_kwargs=TINY_GEMMA_KWARGS),
         height=128,
         width=192,

@@ -4,7 +4,9 @@
     sana-stream train flow      --manifest M --run-dir D [--variant streaming|bidirectional] [--reverse-reg-weight W]
     sana-stream train streaming --manifest M --run-dir D --init G.safetensors --teacher T.safetensors [...]
     sana-stream train recipe    --out DIR            (the shipped tiny editor's whole GPU run, engine/train/recipe.py)
-    sana-stream eval [--count N] [--out docs/eval] [--dit ...] [--bidirectional-dit ...] [--ablation name=path ...]
+    sana-stream eval [--count N | --indices I ...] [--out docs/eval] [--dit ...] [--bidirectional-dit ...]
+                     [--ablation name=path ...] [--device cuda]     (default examples: evaluate.eval_examples)
+                     -> <out>/metrics.json, strip_<i>.jpg and the generated part of <out>/REPORT.md
 
 Non-goals: distributed launchers; hyper-parameter files (flags only).
 """
@@ -54,12 +56,14 @@ def add_subcommands(subparsers) -> None:
     r = sub.add_parser("recipe", help="train the shipped tiny editor end to end (one GPU, minutes)")
     r.add_argument("--out", required=True)
     r.add_argument("--work", default="/tmp/sana_tiny_runs")
-    r.add_argument("--num-train", type=int, default=1600)
+    r.add_argument("--stage", choices=("1", "2", "all"), default="all")
+    r.add_argument("--num-train", type=int, default=None)
     r.add_argument("--device", default=None)
 
     e = subparsers.add_parser("eval", help="evaluate the tiny editor on the held-out procedural split")
-    e.add_argument("--count", type=int, default=8, help="held-out examples (the first N of the test split)")
-    e.add_argument("--indices", type=int, nargs="*", default=None, help="test-split indices instead of --count")
+    e.add_argument("--count", type=int, default=None, help="the first N of the test split instead of the default set")
+    e.add_argument("--indices", type=int, nargs="*", default=None, help="test-split indices instead of the default set")
+    e.add_argument("--device", default="cpu")
     e.add_argument("--out", default="docs/eval", help="folder for metrics.json, strips and REPORT.md")
     e.add_argument("--dit", default=None, help="streaming DiT (default: the shipped one)")
     e.add_argument("--bidirectional-dit", default=None, help="bidirectional DiT (default: the shipped one)")
@@ -112,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     if tc == "recipe":
         from engine.train.recipe import run_tiny_recipe
 
-        run_tiny_recipe(args.out, args.work, num_train=args.num_train, device=str(_device(args.device)))
+        extra = {} if args.num_train is None else {"num_train": args.num_train}
+        run_tiny_recipe(args.out, args.work, stage=args.stage, device=str(_device(args.device)), **extra)
         return 0
     preset = get_preset(args.preset)
     dev = _device(args.device)
@@ -136,8 +141,24 @@ def _print(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
+REPORT_BEGIN, REPORT_END = "<!-- sana-stream eval: begin -->", "<!-- sana-stream eval: end -->"
+
+
+def write_report(path: Path, body: str) -> None:
+    """Put the generated tables and strips between the REPORT_BEGIN / REPORT_END markers of `path`, keeping the
+    hand-written text around them (a new file: just the markers and the body)."""
+    block = f"{REPORT_BEGIN}\n{body}\n{REPORT_END}"
+    text = path.read_text() if path.exists() else ""
+    if REPORT_BEGIN in text and REPORT_END in text:
+        head, rest = text.split(REPORT_BEGIN, 1)
+        text = head + block + rest.split(REPORT_END, 1)[1]
+    else:
+        text = (text + "\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
-    from engine.train.evaluate import ASSETS, evaluate, report_markdown
+    from engine.train.evaluate import ASSETS, eval_examples, evaluate, report_markdown
 
     models = {
         "streaming (DMD + CRR)": ("long_streaming", args.dit or str(ASSETS / "dit_streaming.safetensors")),
@@ -149,10 +170,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     for item in args.ablation:
         name, _, path = item.partition("=")
         models[name] = ("long_streaming", path)
+    examples = None if args.count is not None or args.indices is not None else eval_examples()
+    results = evaluate(models, args.count or 8, args.out, strips=True, indices=args.indices, device=args.device,
+                       examples=examples)  # fmt: skip
     first = next(iter(models))
-    results = evaluate(models, args.count, args.out, strips_for=first, indices=args.indices)
-    strips = [(f"strip_{i}.png", r["prompt"]) for i, r in enumerate(results[first]["examples"])]
-    (Path(args.out) / "results.md").write_text(report_markdown(results, strips))
+    strips = [(f"strip_{i}.jpg", r["prompt"]) for i, r in enumerate(results[first]["examples"])]
+    write_report(Path(args.out) / "REPORT.md", report_markdown(results, strips))
     for name, r in results.items():
         print(name, json.dumps({k: round(v, 3) for k, v in r["mean"].items()}))
     return 0

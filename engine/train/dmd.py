@@ -12,7 +12,7 @@ g = 0 skips the unconditional forward); x0_fake from the critic;
 grad = (x0_fake - x0_real) / mean|x_hat - x0_real|;  L = 0.5 mse(x_hat, sg(x_hat - grad)).
 Critic (`critic_loss`): flow MSE of the critic on detached generator samples at a shifted random t.
 
-Non-goals: the optimiser schedule (engine/train/trainer.py), EMA of the generator (not implemented).
+Non-goals: the optimiser schedule and the generator EMA (engine/train/trainer.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """`sana-stream eval`: edit fidelity and temporal consistency of a trained editor on the held-out split.
 
-Per example (procedural `test` split: unseen recolor pairs, 73-frame clips, unseen scenes):
+Examples (`eval_examples`, the default set of 16; or the first N / chosen indices of the procedural `test` split):
+unseen scenes; recolors of colour pairs training never contains (either direction), the same with pairs it does
+contain (the demo's case), checkerboard backgrounds, grayscale, and 145-frame clips (3x the training length).
+
+Per example:
     psnr / ssim            edited output vs ground truth, whole frame (SSIM: 8x8 windows on luma)
     psnr_in / psnr_out     inside / outside the edit region (pixels the true edit changes, dilated 2 px)
     psnr_src               the unedited source vs ground truth (the "do nothing" baseline)
@@ -9,13 +13,15 @@ Per example (procedural `test` split: unseen recolor pairs, 73-frame clips, unse
                            start) - 1 -> 8 * start) divided by the output's mean frame difference elsewhere
                            (1.0 = seams are no jumpier than ordinary frames)
 Modes: streaming (the engine's StreamingEditor, 4 steps, cache refresh) and bidirectional (edit_bidirectional
-with the bidirectional DiT). Also: a strip PNG per example (source / edited / ground truth, 4 frames each).
+with the bidirectional DiT, 20 steps, cfg 1). Also: a strip image per example: source, every model's output and
+the ground truth, one labelled row each, 4 frames.
 
 Non-goals: perceptual metrics (LPIPS, FVD), real videos.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.data.manifest import procedural_examples
-from engine.data.procedural import edit_region, render_pair
+from engine.data.procedural import (
+    HELD_OUT_PAIRS,
+    PALETTE,
+    EditSpec,
+    edit_region,
+    named_scene,
+    prompts,
+    render_pair,
+    sample_spec,
+)
 from engine.session import SessionSettings
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny"
@@ -94,18 +108,135 @@ def score(source: np.ndarray, edited: np.ndarray, truth: np.ndarray) -> Metrics:
     )
 
 
+LONG_FRAMES = 145
+
+
+def seen_pair_recolor(seed: int) -> EditSpec:
+    """A recolor of shape 0 of test scene `seed` to a colour pair the train split does contain."""
+    rng = np.random.default_rng([seed, 13])
+    kind = ("shapes", "pan", "lighting", "pan+lighting")[seed % 4]
+    _, names = named_scene(seed, kind)
+    for new in rng.permutation(list(PALETTE)):
+        if new not in names and frozenset((names[0], str(new))) not in HELD_OUT_PAIRS:
+            return EditSpec(seed, kind, 73, "recolor", 0, names[0], str(new))
+    raise ValueError(f"scene {seed} has no admissible seen pair")
+
+
+def eval_examples() -> list[tuple[str, EditSpec]]:
+    """The default held-out set: (category, spec) x 16."""
+    out = [("recolor (unseen pair)", sample_spec("test", i)) for i in (0, 1, 2, 3, 4, 9)]
+    out += [("recolor (seen pair)", seen_pair_recolor(s)) for s in (1_000_500, 1_000_501)]
+    out += [("checkerboard", sample_spec("test", i)) for i in (5, 6, 10)]
+    out += [("grayscale", sample_spec("test", i)) for i in (11, 22, 32)]
+    out += [(f"long ({LONG_FRAMES} frames)", dataclasses.replace(sample_spec("test", i), num_frames=LONG_FRAMES))
+            for i in (14, 12)]  # fmt: skip
+    return out
+
+
+DEMO_SEED, DEMO_FRAMES, DEMO_PROMPT = 20, 73, "make the red circle blue"
+"""The README's demo: `python -m engine.testclips --frames 73 --height 128 --width 192 --seed 20 in.mp4` and
+this prompt. Scene 20 holds a red circle (shape 0), a yellow square, a yellow circle and a purple square."""
+
+
+def demo_clip(num_frames: int = DEMO_FRAMES) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(source, ground truth, per-shape masks) of the demo clip at 128x192: the truth has the red circle in
+    the palette's blue; mask i (n, H, W) bool is the interior of shape i (where recolouring it changes a pixel
+    by more than 100 in some channel, so anti-aliased rims are left out)."""
+    from engine.data.procedural import hue_color
+    from engine.testclips import render_scene, sample_scene
+
+    scene = sample_scene(DEMO_SEED, "shapes", 192 / 128)
+    src = render_scene(scene, num_frames, 128, 192)
+
+    def recolored(i: int, color) -> np.ndarray:
+        shapes = list(scene.shapes)
+        shapes[i] = dataclasses.replace(shapes[i], color=color)
+        return render_scene(dataclasses.replace(scene, shapes=tuple(shapes)), num_frames, 128, 192)
+
+    truth = recolored(0, hue_color(PALETTE["blue"]))
+    masks = []
+    for i, s in enumerate(scene.shapes):
+        other = recolored(i, tuple(1.0 - c for c in s.color))
+        masks.append(np.abs(src.astype(np.int16) - other.astype(np.int16)).max(-1) > 100)
+    return src, truth, masks
+
+
+def demo_check(edited: np.ndarray, source: np.ndarray, truth: np.ndarray, masks: list[np.ndarray]) -> dict:
+    """Numbers of the demo edit ("make the red circle blue" on the demo clip; masks from `demo_clip`):
+    circle_rgb      mean output colour (0..255) inside the red circle (mask 0)
+    blue_margin     its blue minus the larger of its red and green (> 0: blue-dominant)
+    others_rgb      per other shape, its mean output colour
+    others_ratio    per other shape, |mean output - mean source colour| / |mean output - the target blue|
+                    (< 1: the shape's colour stays nearer its own than the blue the edit asks for)
+    others_err      per other shape, mean |output - source| inside it (channel units)
+    psnr_keep       PSNR of output vs source outside the edit region (every pixel the true edit changes,
+                    dilated 2 px)
+    psnr, psnr_src  whole-frame PSNR of the output / of the source vs the ground truth"""
+    rgb = edited[masks[0]].astype(np.float64).mean(0)
+    blue = truth[masks[0]].astype(np.float64).mean(0)
+    o_rgb, ratio, err = [], [], []
+    for m in masks[1:]:
+        o, s = edited[m].astype(np.float64), source[m].astype(np.float64)
+        mo = o.mean(0)
+        o_rgb.append([round(float(c), 1) for c in mo])
+        ratio.append(float(np.linalg.norm(mo - s.mean(0)) / max(np.linalg.norm(mo - blue), 1e-6)))
+        err.append(float(np.abs(o - s).mean()))
+    keep = ~np.repeat(edit_region(source, truth)[..., None], 3, -1)
+    return {
+        "circle_rgb": [round(float(c), 1) for c in rgb],
+        "blue_margin": float(rgb[2] - max(rgb[0], rgb[1])),
+        "others_rgb": o_rgb,
+        "others_ratio": ratio,
+        "others_err": err,
+        "psnr_keep": psnr(edited, source, keep),
+        "psnr": psnr(edited, truth),
+        "psnr_src": psnr(source, truth),
+    }
+
+
 def strip(source: np.ndarray, edited: np.ndarray, truth: np.ndarray, frames: int = 4) -> np.ndarray:
     """Rows source / edited / ground truth, `frames` evenly spaced frames each -> uint8 (3H, frames*W, 3)."""
-    idx = np.linspace(0, len(source) - 1, frames).round().astype(int)
-    return np.concatenate([np.concatenate(list(v[idx]), axis=1) for v in (source, edited, truth)], axis=0)
+    return multi_strip([("source", source), ("edited", edited), ("truth", truth)], frames, label_width=0)
 
 
-def load_engine(mode: str, dit: str | None, vae: str | None = None, text: str | None = None):
+def multi_strip(rows: list[tuple[str, np.ndarray]], frames: int = 4, label_width: int = 112) -> np.ndarray:
+    """One row per (label, uint8 video), `frames` evenly spaced frames each, the label in a left margin."""
+    from PIL import Image, ImageDraw
+
+    n, H, W = rows[0][1].shape[:3]
+    idx = np.linspace(0, n - 1, frames).round().astype(int)
+    out = []
+    for label, video in rows:
+        row = np.concatenate(list(video[idx]), axis=1)
+        if label_width:
+            pad = Image.new("RGB", (label_width, H), (255, 255, 255))
+            draw = ImageDraw.Draw(pad)
+            for k, line in enumerate(_wrap(label, label_width // 6)):
+                draw.text((4, 4 + 11 * k), line, fill=(0, 0, 0))
+            row = np.concatenate([np.asarray(pad), row], axis=1)
+        out.append(row)
+    return np.concatenate(out, axis=0)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, cur = [], ""
+    for word in text.split():
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}".strip()
+    return lines + [cur]
+
+
+def load_engine(mode: str, dit: str | None, vae: str | None = None, text: str | None = None, device="cpu",
+                preset=None):  # fmt: skip
     from engine.pipeline import Engine
 
     return Engine.load(
-        "tiny",
+        preset or "tiny",
         mode=mode,
+        device=device,
         dit_weights=dit,
         vae_weights=vae or str(ASSETS / "vae.safetensors"),
         text_weights=text or str(ASSETS / "text"),
@@ -135,44 +266,85 @@ def evaluate(
     models: dict[str, tuple[str, str]],
     count: int = 8,
     out_dir: str | Path | None = None,
-    strips_for: str | None = None,
+    strips: bool = False,
     vae: str | None = None,
     text: str | None = None,
     indices: list[int] | None = None,
+    device: str = "cpu",
+    preset=None,
+    examples: list[tuple[str, EditSpec]] | None = None,
 ) -> dict:
-    """models: name -> (mode, DiT weights). Returns {name: {"mean": metrics, "examples": [...]}}; writes
-    `<out_dir>/metrics.json` and, for the model `strips_for`, `<out_dir>/strip_<i>.png`."""
+    """models: name -> (mode, DiT weights). Examples: `examples`, else the test split's `indices`, else its first
+    `count`. Returns {name: {"mode", "weights", "mean": metrics, "by_category": {category: metrics},
+    "examples": [...]}}; writes `<out_dir>/metrics.json` and, with `strips`, `<out_dir>/strip_<i>.jpg`."""
     from PIL import Image
 
-    indices = indices if indices is not None else list(range(count))
-    examples = [procedural_examples("test", 1, start=i)[0] for i in indices]
-    pairs = [render_pair(e.spec) for e in examples]
+    if examples is None:
+        indices = indices if indices is not None else list(range(count))
+        examples = [(sample_spec("test", i).edit, sample_spec("test", i)) for i in indices]
+    engines = {name: load_engine(mode, w, vae, text, device, preset) for name, (mode, w) in models.items()}
+    rows: dict[str, list[dict]] = {name: [] for name in models}
+    for i, (category, spec) in enumerate(examples):
+        src, tgt = render_pair(spec)
+        prompt = prompts(spec)[0]
+        outs = []
+        for name, (mode, _) in models.items():
+            out = edit_clip(engines[name], src, prompt, mode)
+            m = score(src, out, tgt)
+            rows[name].append({"prompt": prompt, "edit": spec.edit, "category": category, "frames": len(src),
+                               **m.__dict__})  # fmt: skip
+            outs.append((name, out))
+        if out_dir is not None and strips:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            img = multi_strip([("source", src), *outs, ("ground truth", tgt)])
+            Image.fromarray(img).save(Path(out_dir) / f"strip_{i}.jpg", quality=88)
     results: dict = {}
     for name, (mode, weights) in models.items():
-        engine = load_engine(mode, weights, vae, text)
-        rows = []
-        for i, (ex, (src, tgt)) in enumerate(zip(examples, pairs, strict=True)):
-            out = edit_clip(engine, src, ex.prompt, mode)
-            m = score(src, out, tgt)
-            rows.append({"prompt": ex.prompt, "edit": ex.spec.edit, **m.__dict__})
-            if out_dir is not None and name == strips_for:
-                Path(out_dir).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(strip(src, out, tgt)).save(Path(out_dir) / f"strip_{i}.png")
-        keys = [k for k in rows[0] if k not in ("prompt", "edit")]
-        mean = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
-        results[name] = {"mode": mode, "weights": weights, "mean": mean, "examples": rows}
+        keys = [k for k in rows[name][0] if k not in ("prompt", "edit", "category", "frames")]
+        cats = sorted({r["category"] for r in rows[name]})
+        results[name] = {
+            "mode": mode,
+            "weights": weights,
+            "mean": _mean(rows[name], keys),
+            "by_category": {c: _mean([r for r in rows[name] if r["category"] == c], keys) for c in cats},
+            "examples": rows[name],
+        }
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "metrics.json").write_text(json.dumps(results, indent=1))
     return results
 
 
+def _mean(rows: list[dict], keys: list[str]) -> dict[str, float]:
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
+
+
+COLUMNS = ["psnr", "psnr_src", "ssim", "psnr_in", "psnr_out", "flicker", "seam"]
+
+
 def report_markdown(results: dict, strips: list[tuple[str, str]]) -> str:
-    """A REPORT.md body: the mean table per model and the strips (relative path, caption)."""
-    cols = ["psnr", "psnr_src", "ssim", "psnr_in", "psnr_out", "flicker", "seam"]
-    lines = ["| model | mode | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    """A REPORT.md body: the mean table per model, per-category PSNR, per-example PSNR, and the strips."""
+    lines = ["| model | mode | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['mode']} | " + " | ".join(f"{r['mean'][c]:.3f}" for c in cols) + " |")
+        lines.append(f"| {name} | {r['mode']} | " + " | ".join(f"{r['mean'][c]:.3f}" for c in COLUMNS) + " |")
+    first = next(iter(results.values()))
+    cats = list(first["by_category"])
+    lines += ["", "Per category, PSNR output / psnr_in / psnr_out (dB; source vs truth in the last row):", ""]
+    lines += ["| model | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+    for name, r in results.items():
+        cells = [f"{r['by_category'][c]['psnr']:.1f} / {r['by_category'][c]['psnr_in']:.1f} / "
+                 f"{r['by_category'][c]['psnr_out']:.1f}" for c in cats]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| (source) | " + " | ".join(f"{first['by_category'][c]['psnr_src']:.1f}" for c in cats) + " |")
+    lines += ["", "Per example, whole-frame PSNR (dB):", ""]
+    ex = first["examples"]
+    lines += [
+        "| # | prompt | frames | source | " + " | ".join(results) + " |",
+        "|---|---|---|---|" + "---|" * len(results),
+    ]
+    for i, e in enumerate(ex):
+        cells = [f"{results[n]['examples'][i]['psnr']:.1f}" for n in results]
+        lines.append(f"| {i} | {e['prompt']} | {e['frames']} | {e['psnr_src']:.1f} | " + " | ".join(cells) + " |")
     lines.append("")
     for path, caption in strips:
         lines += [f"**{caption}**", "", f"![{caption}]({path})", ""]

@@ -150,7 +150,7 @@ def test_cached_softmax_equals_explicit_window_attention(n, sink):
     try:
         with torch.no_grad():
             for chunk, T in enumerate(sizes):
-                x, src = torch.randn(1, 16, T, 2, 3), torch.randn(1, 16, T, 2, 3)
+                x, src = torch.randn(1, cfg.in_channels, T, 2, 3), torch.randn(1, cfg.source_channels, T, 2, 3)
                 model(x, src, torch.tensor([500]), text, mask, cache=cache)
                 h, out = captured["x"], captured["out"]
                 # Explicit attention over the reference window, from independently recorded keys/values.

@@ -13,6 +13,8 @@ from engine.pipeline import Engine, StreamingEditor, edit_bidirectional, frame_n
 from engine.session import SessionSettings, SessionState, SnapshotError, SnapshotMismatchError
 from engine.testclips import make_clip
 
+LAT = get_preset("tiny").dit.in_channels  # latent channels of the tiny preset
+
 H, W = 128, 192
 
 
@@ -89,7 +91,7 @@ def test_snapshot_round_trip_is_bit_exact_in_bf16(engine, clip):
     editor.push(state, clip[:41])
     for k, t in list(state.dit.gdn.items()):
         state.dit.gdn[k] = (t[0].bfloat16(), t[1])
-    state.buffers["edited"] = torch.randn(1, 16, 2, 4, 6).bfloat16()
+    state.buffers["edited"] = torch.randn(1, LAT, 2, 4, 6).bfloat16()
     blob = state.snapshot()
     back = SessionState.restore(blob, editor.config_hash)
     assert back.tensors().keys() == state.tensors().keys()
@@ -133,7 +135,7 @@ def test_chunk_plan_follows_the_release(engine):
     editor = StreamingEditor(engine)
     seen = []
     state = editor.open(settings(total_frames=8 * 10 + 1))  # 11 latent frames -> 5 + 3 + 3
-    src = torch.randn(1, 16, 11, 4, 6)
+    src = torch.randn(1, LAT, 11, 4, 6)
     editor.generate(state, src, final=True, on_chunk=lambda c, t: seen.append(t))
     assert seen == [5, 3, 3]
     live = editor.open(settings())  # unknown length: 3 + 3 + ... and a short last chunk
@@ -144,12 +146,12 @@ def test_chunk_plan_follows_the_release(engine):
 
 def test_cfg_and_efficient_cache_run_and_differ(engine):
     editor = StreamingEditor(engine)
-    src = torch.randn(1, 16, 8, 4, 6)
+    src = torch.randn(1, LAT, 8, 4, 6)
     outs = {}
     for name, kw in {"base": {}, "cfg": {"cfg_scale": 3.0}, "eff": {"efficient_cache": True}}.items():
         state = editor.open(settings(total_frames=57, **kw))
         outs[name] = editor.generate(state, src, final=True)
-        assert outs[name].shape == (1, 16, 8, 4, 6) and torch.isfinite(outs[name]).all()
+        assert outs[name].shape == (1, LAT, 8, 4, 6) and torch.isfinite(outs[name]).all()
     assert torch.equal(outs["base"][:, :, :5], outs["eff"][:, :, :5])  # chunk 0 never reads the cache
     assert not torch.equal(outs["base"][:, :, 5:], outs["eff"][:, :, 5:])
     assert not torch.equal(outs["base"], outs["cfg"])

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.config import get_preset
 from engine.pipeline import Engine, StreamingEditor
 from engine.session import SessionSettings
 from engine.step import ChunkRunner
+
+LAT = get_preset("tiny").dit.in_channels  # latent channels of the tiny preset
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +23,7 @@ def _settings(prompt: str, seed: int, **kw) -> SessionSettings:
 
 
 def _sources(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(1, 16, n, 4, 6, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(1, LAT, n, 4, 6, generator=torch.Generator().manual_seed(seed))
 
 
 def test_batched_sessions_equal_solo_runs(editor):
@@ -49,8 +52,8 @@ def test_batched_sessions_equal_solo_runs(editor):
     finally:
         editor.runner.run = runner_run
     assert calls == [3, 3, 3, 3]  # live streams: chunks 3 + 3 + 3 + 2, every round batched
-    for a, b in zip(solo, batched):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for a, b in zip(solo, batched):  # fp32; batched GEMMs sum in another order (measured max 1.8e-5 on ~1)
+        torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-5)
 
 
 def test_sessions_at_different_chunks_batch_by_window(editor):

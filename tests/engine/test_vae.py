@@ -14,6 +14,7 @@ from engine.config import get_preset
 from engine.vae import StreamingEncoder, VideoVAE, encoder_state_shapes, state_nbytes
 
 CFG = get_preset("tiny").vae
+LAT = CFG.latent_channels  # the tiny VAE's latent channels
 H, W = 64, 96  # 2x3 latents: small enough for CPU, large enough for the decoder's reflect padding
 
 # Streaming and whole-clip encode do the same arithmetic, but CPU conv3d picks its algorithm and reduction
@@ -47,12 +48,12 @@ def latents(vae: VideoVAE, video: torch.Tensor) -> torch.Tensor:
 
 
 def test_tiny_preset_shapes(vae: VideoVAE) -> None:
-    assert (vae.latent_channels, vae.spatial_compression, vae.temporal_compression) == (16, 32, 8)
-    assert vae.latent_shape(49, 128, 192) == (16, 7, 4, 6)
+    assert (vae.latent_channels, vae.spatial_compression, vae.temporal_compression) == (LAT, 32, 8)
+    assert vae.latent_shape(49, 128, 192) == (LAT, 7, 4, 6)
     assert vae.num_pixel_frames(7) == 49 and vae.num_pixel_frames(1) == 1
     x = torch.rand(1, 3, 9, 128, 192) * 2 - 1
     z = vae.encode(x)
-    assert z.shape == (1, 16, 2, 4, 6) and z.dtype == torch.float32
+    assert z.shape == (1, LAT, 2, 4, 6) and z.dtype == torch.float32
     assert vae.decode(z).shape == (1, 3, 9, 128, 192)
 
 
@@ -78,7 +79,7 @@ def test_random_init_is_deterministic_and_leaves_global_rng_alone() -> None:
 
 def test_config_mismatch_is_refused() -> None:
     bad = type(CFG)(diffusers_kwargs=CFG.diffusers_kwargs, latent_channels=32)
-    with pytest.raises(ValueError, match="16 latent channels"):
+    with pytest.raises(ValueError, match=f"{LAT} latent channels"):
         VideoVAE(bad)
     with pytest.raises(ValueError, match="hf://owner/repo"):
         VideoVAE(CFG, weights="hf://just-a-name")
@@ -123,10 +124,10 @@ def test_streaming_encode_matches_whole(vae: VideoVAE, video: torch.Tensor, late
     outs, keys = [], []
     for a, b in [(0, 1), (1, 9), (9, 17), (17, 25)]:
         z, state = vae.encode_step(video[:, :, a:b], state)
-        assert z.shape == (1, 16, 1, 2, 3)
+        assert z.shape == (1, LAT, 1, 2, 3)
         outs.append(z)
         keys.append(sorted(state))
-    assert latents.shape == (1, 16, 4, 2, 3)
+    assert latents.shape == (1, LAT, 4, 2, 3)
     torch.testing.assert_close(torch.cat(outs, dim=2), latents, **TOL)
     assert keys[1] == keys[2] == keys[3] and all(isinstance(v, torch.Tensor) for v in state.values())
     assert int(state["frames"]) == 25 and any(k.startswith("ctx.down_blocks.1.downsamplers") for k in state)
@@ -199,7 +200,7 @@ def reference_decode(vae: VideoVAE, latents: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def latents11() -> torch.Tensor:
-    return torch.randn(1, 16, 11, 2, 3, generator=torch.Generator().manual_seed(11))
+    return torch.randn(1, LAT, 11, 2, 3, generator=torch.Generator().manual_seed(11))
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ from engine.model.hybrid_dit import SanaStreamingDiT
 from engine.sampler import chunk_bounds
 from engine.train.dmd import critic_loss, dmd_loss, rollout
 from engine.train.flow import flow_matching_loss, reverse_reg_loss
-from engine.train.trainer import LatentData, TrainConfig, train_flow, train_streaming, training_init
-from engine.weights import load_model, save_checkpoint
+from engine.train.trainer import Ema, LatentData, TrainConfig, train_flow, train_streaming, training_init
+from engine.weights import load_model, load_state_dict_file, save_checkpoint
 
 TINY = PRESETS["tiny"].dit
 B, T, H, W = 2, 7, 4, 6
+C = TINY.in_channels
 
 
 def _dit(streaming: bool, seed: int) -> SanaStreamingDiT:
@@ -30,10 +31,10 @@ def _dit(streaming: bool, seed: int) -> SanaStreamingDiT:
 @pytest.fixture()
 def batch():
     g = torch.Generator().manual_seed(0)
-    src = torch.randn(B, 16, T, H, W, generator=g)
+    src = torch.randn(B, C, T, H, W, generator=g)
     return {
         "source": src,
-        "target": src + 0.5 * torch.randn(B, 16, T, H, W, generator=g),
+        "target": src + 0.5 * torch.randn(B, C, T, H, W, generator=g),
         "text": torch.randn(B, 64, 64, generator=g),
         "mask": torch.ones(B, 64, dtype=torch.long),
         "reverse_text": torch.randn(B, 64, 64, generator=g),
@@ -172,3 +173,107 @@ def test_flow_training_resumes_exactly(batch, tmp_path):
     again = _dit(False, 9)  # a fresh process would rebuild the model: the run folder must restore it
     train_flow(again, data, cfg, tmp_path / "b", log=None)
     _same(straight, again)
+
+
+def test_ema_and_cosine_schedule(batch, tmp_path):
+    data = _data(batch)
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-3, warmup=0, log_every=1, lr_schedule="cosine", lr_min_ratio=0.1,
+                      ema_decay=0.5, ema_start=1)  # fmt: skip
+    model = _dit(False, 1)
+    rows = []
+    train_flow(model, data, cfg, tmp_path / "run", log=rows.append)
+    assert [round(r["lr"], 6) for r in rows] == [1e-3, round(1e-4 + 9e-4 * 0.75, 6), round(1e-4 + 9e-4 * 0.25, 6)]
+    raw = load_state_dict_file(tmp_path / "run" / "weights.safetensors")
+    ema = load_state_dict_file(tmp_path / "run" / "weights_ema.safetensors")
+    assert raw.keys() == ema.keys()
+    # the EMA started as a copy after step 1 and moved half-way towards the weights after steps 2 and 3
+    key = "final_layer.linear.weight"
+    assert not torch.equal(raw[key], ema[key])
+    resumed = _dit(False, 9)  # resuming restores the EMA from train_state.pt
+    train_flow(resumed, data, dataclasses.replace(cfg, steps=4), tmp_path / "run", log=None)
+    ema2 = load_state_dict_file(tmp_path / "run" / "weights_ema.safetensors")
+    raw2 = load_state_dict_file(tmp_path / "run" / "weights.safetensors")
+    torch.testing.assert_close(ema2[key], 0.5 * ema[key] + 0.5 * raw2[key])
+
+
+def test_ema_matches_formula():
+    lin = torch.nn.Linear(2, 2)
+    ema = Ema(lin, 0.9)
+    before = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin)
+    torch.testing.assert_close(ema.state_dict(lin)["weight"], before + 0.1)
+
+
+def test_latent_data_to_keeps_everything(batch):
+    data = _data(batch)
+    moved = data.to("cpu")
+    assert moved.prompts == data.prompts and torch.equal(moved.source, data.source)
+    b = moved.batch(torch.tensor([1, 0]), torch.device("cpu"))
+    assert b["target"].shape == (2, C, T, H, W)
+
+
+def test_streaming_stage_writes_ema(batch, tmp_path):
+    data = _data(batch)
+    gen, teacher, critic = _dit(True, 0), _dit(False, 1), _dit(False, 2)
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-4, critic_lr=1e-4, warmup=0, log_every=1, critic_ratio=1,
+                      guidance=3.0, reverse_reg_weight=0.5, ema_decay=0.99, ema_start=1)  # fmt: skip
+    row = train_streaming(gen, teacher, critic, data, cfg, tmp_path / "st", log=None)
+    assert row["generator_steps"] == 2
+    ema = load_state_dict_file(tmp_path / "st" / "weights_ema.safetensors")
+    _same(gen, load_model(lambda: SanaStreamingDiT(gen.cfg), tmp_path / "st" / "weights.safetensors"))
+    assert ema.keys() == gen.state_dict().keys()
+
+
+def test_joint_text_training_updates_and_ships_the_encoder(tmp_path):
+    """train_flow_text: the encoder gets gradients through both DiTs' losses, its saved weights load through the
+    inference TextEncoder and change the prompt embeddings (so a trained encoder can ship in assets/tiny/text)."""
+    from engine.text import TextEncoder
+    from engine.train.trainer import text_forward, train_flow_text
+
+    text = TextEncoder(PRESETS["tiny"].text)  # random init, seed 0 (what the shipped encoder started from)
+    prompts = ["make the red circle blue", "make the blue circle red"]
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(2, C, T, H, W, generator=g)
+    emb, mask = text.encode(prompts)
+    data = LatentData(src, src + 0.5 * torch.randn(2, C, T, H, W, generator=g), emb, mask, torch.arange(2),
+                      torch.tensor([1, 0]), prompts)  # fmt: skip
+    ids, id_mask = text.tokenize(prompts)
+    with torch.no_grad():
+        assert torch.allclose(text_forward(text, ids, id_mask), emb, atol=1e-5)  # the inference maths
+    before = {k: v.clone() for k, v in text.model.state_dict().items()}
+    models = {"bidirectional": _dit(False, 0), "streaming": _dit(True, 1)}
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, grad_clip=1.0, log_every=1, text_drop=0.0)
+    row = train_flow_text(models, text, data, cfg, tmp_path, log=None)
+    assert row["step"] == 2 and all(torch.isfinite(torch.tensor(row[f"loss_{n}"])) for n in models)
+    changed = [k for k, v in text.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "embed_tokens.weight" in changed and any("layers.1" in k for k in changed)
+    for n in models:
+        assert (tmp_path / n / "weights_ema.safetensors").exists()
+    trained = TextEncoder(PRESETS["tiny"].text, tmp_path / "text_encoder.safetensors")
+    new, _ = trained.encode(prompts)
+    assert not torch.allclose(new, emb, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(new, text_forward(text, ids, id_mask), atol=1e-5)  # the raw weights were saved
+
+
+def test_train_indices_mix():
+    from engine.data.procedural import sample_spec
+    from engine.train.recipe import train_indices
+
+    idx = train_indices(100, 200, 0.85)
+    assert len(idx) == 200 and idx[0] == 100 and idx == sorted(set(idx))
+    recolor = sum(sample_spec("train", i).edit == "recolor" for i in idx)
+    assert recolor >= 0.84 * 200
+
+
+def test_write_report_keeps_the_hand_written_text(tmp_path):
+    from engine.train.cli import REPORT_BEGIN, REPORT_END, write_report
+
+    path = tmp_path / "REPORT.md"
+    write_report(path, "table 1")
+    assert path.read_text() == f"{REPORT_BEGIN}\ntable 1\n{REPORT_END}\n"
+    path.write_text("# head\n\n" + path.read_text() + "\n## Reading\nmine\n")
+    write_report(path, "table 2")
+    assert path.read_text() == f"# head\n\n{REPORT_BEGIN}\ntable 2\n{REPORT_END}\n\n## Reading\nmine\n"
