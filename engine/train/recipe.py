@@ -435,6 +435,23 @@ def encode_all(vae_kwargs: dict, vae_weights: str, clips_path: Path, num_train: 
             "prompts": len(prompts)}  # fmt: skip
 
 
+STREAMING_VARIANTS = {"crr": (0.5, 3.0), "nocrr": (0.0, 3.0), "crr_g0": (0.5, 0.0)}
+"""The streaming stage's runs, in parallel: name -> (reverse_reg_weight, guidance). "crr" is the shipped recipe,
+the other two its ablations (no Cycle-Reverse Regularization; no teacher guidance)."""
+
+
+def _streaming_variants(work: Path, out_dir: Path, common: dict, log, summary: dict) -> None:
+    """Run the streaming-stage variants in parallel from the same init; keep each one that finished (float16)."""
+    results = _run_parallel([
+        (name, streaming_job, dict(run_dir=str(work / name), reverse_reg_weight=w, guidance=g, **common))
+        for name, (w, g) in STREAMING_VARIANTS.items()
+    ], log)  # fmt: skip
+    summary["phases"].update(results)
+    for name in STREAMING_VARIANTS:
+        if "error" not in results[name]:
+            save_half(work / name / "weights_ema.safetensors", out_dir / f"dit_streaming_{name}.safetensors")
+
+
 def _budget(want: float, t_all: float, deadline: float | None, reserve: float) -> float:
     """A phase's seconds: `want`, shrunk so the run ends `reserve` seconds before the deadline."""
     if deadline is None:
@@ -560,15 +577,7 @@ def run_stage2(out_dir: Path, work: Path, *, num_train: int, vae_pairs: int, dev
     common = dict(vae_kwargs=vae_kwargs, latents=str(latents), generator_init=str(gen), teacher=str(teacher),
                   critic_ratio=4, budget=b, steps=max(1, int(100000 * steps_scale)), device=device,
                   seed=21)  # fmt: skip
-    variants = {"crr": (0.5, 3.0), "nocrr": (0.0, 3.0), "crr_g0": (0.5, 0.0)}
-    sres = _run_parallel([
-        (name, streaming_job, dict(run_dir=str(work / name), reverse_reg_weight=w, guidance=g, **common))
-        for name, (w, g) in variants.items()
-    ], log)  # fmt: skip
-    summary["phases"].update(sres)
-    for name in variants:
-        if "error" not in sres[name]:
-            save_half(work / name / "weights_ema.safetensors", out_dir / f"dit_streaming_{name}.safetensors")
+    _streaming_variants(work, out_dir, common, log, summary)
 
     vres = _wait(vae_ft, log)["vae_decoder"]
     summary["phases"]["vae_decoder"] = vres
@@ -582,7 +591,7 @@ def run_stage2(out_dir: Path, work: Path, *, num_train: int, vae_pairs: int, dev
     if eval_indices:
         models = {"bidirectional": ("bidirectional_short", out_dir / "dit_bidirectional.safetensors"),
                   "fm": ("long_streaming", out_dir / "dit_streaming_fm.safetensors")}  # fmt: skip
-        models.update({n: ("long_streaming", out_dir / f"dit_streaming_{n}.safetensors") for n in variants})
+        models.update({n: ("long_streaming", out_dir / f"dit_streaming_{n}.safetensors") for n in STREAMING_VARIANTS})
         models = {k: v for k, v in models.items() if v[1].exists()}
         eres = _run_parallel([
             (f"eval_{n}", eval_job, dict(run_dir=str(work / f"eval_{n}"), vae_kwargs=vae_kwargs, mode=m, dit=str(p),
@@ -659,19 +668,11 @@ def run_stage3(out_dir: Path, work: Path, *, num_train: int, device: str, worker
     common = dict(vae_kwargs=vae_kwargs, latents=str(latents3), generator_init=str(gen), teacher=str(teacher),
                   critic_ratio=4, budget=b, steps=max(1, int(100000 * steps_scale)), device=device,
                   seed=41)  # fmt: skip
-    variants = {"crr": (0.5, 3.0), "nocrr": (0.0, 3.0), "crr_g0": (0.5, 0.0)}
-    sres = _run_parallel([
-        (name, streaming_job, dict(run_dir=str(work / name), reverse_reg_weight=w, guidance=g, **common))
-        for name, (w, g) in variants.items()
-    ], log)  # fmt: skip
-    summary["phases"].update(sres)
-    for name in variants:
-        if "error" not in sres[name]:
-            save_half(work / name / "weights_ema.safetensors", out_dir / f"dit_streaming_{name}.safetensors")
+    _streaming_variants(work, out_dir, common, log, summary)
 
     models = {"bidirectional": ("bidirectional_short", out_dir / "dit_bidirectional.safetensors"),
               "fm": ("long_streaming", out_dir / "dit_streaming_fm.safetensors")}  # fmt: skip
-    models.update({n: ("long_streaming", out_dir / f"dit_streaming_{n}.safetensors") for n in variants})
+    models.update({n: ("long_streaming", out_dir / f"dit_streaming_{n}.safetensors") for n in STREAMING_VARIANTS})
     models = {k: v for k, v in models.items() if v[1].exists()}
     eres = _run_parallel([
         (f"eval_{n}", eval_job, dict(run_dir=str(work / f"eval_{n}"), vae_kwargs=vae_kwargs, mode=m, dit=str(p),
