@@ -452,6 +452,18 @@ def _streaming_variants(work: Path, out_dir: Path, common: dict, log, summary: d
             save_half(work / name / "weights_ema.safetensors", out_dir / f"dit_streaming_{name}.safetensors")
 
 
+def _eval_models(work: Path, out_dir: Path, log, **job) -> dict:
+    """GPU eval, in parallel, of every DiT the run wrote to out_dir (bidirectional, flow matching, the streaming
+    variants); job: eval_job's other arguments (vae_kwargs, vae, indices, device, optionally text)."""
+    models = {"bidirectional": ("bidirectional_short", out_dir / "dit_bidirectional.safetensors"),
+              "fm": ("long_streaming", out_dir / "dit_streaming_fm.safetensors")}  # fmt: skip
+    models.update({n: ("long_streaming", out_dir / f"dit_streaming_{n}.safetensors") for n in STREAMING_VARIANTS})
+    return _run_parallel([
+        (f"eval_{n}", eval_job, dict(run_dir=str(work / f"eval_{n}"), mode=m, dit=str(p), **job))
+        for n, (m, p) in models.items() if p.exists()
+    ], log)  # fmt: skip
+
+
 def _budget(want: float, t_all: float, deadline: float | None, reserve: float) -> float:
     """A phase's seconds: `want`, shrunk so the run ends `reserve` seconds before the deadline."""
     if deadline is None:
@@ -589,15 +601,8 @@ def run_stage2(out_dir: Path, work: Path, *, num_train: int, vae_pairs: int, dev
          "before": vres.get("heldout_before")})  # fmt: skip
 
     if eval_indices:
-        models = {"bidirectional": ("bidirectional_short", out_dir / "dit_bidirectional.safetensors"),
-                  "fm": ("long_streaming", out_dir / "dit_streaming_fm.safetensors")}  # fmt: skip
-        models.update({n: ("long_streaming", out_dir / f"dit_streaming_{n}.safetensors") for n in STREAMING_VARIANTS})
-        models = {k: v for k, v in models.items() if v[1].exists()}
-        eres = _run_parallel([
-            (f"eval_{n}", eval_job, dict(run_dir=str(work / f"eval_{n}"), vae_kwargs=vae_kwargs, mode=m, dit=str(p),
-                                         vae=str(out_dir / "vae.safetensors"), indices=eval_indices, device=device))
-            for n, (m, p) in models.items()
-        ], log)  # fmt: skip
+        eres = _eval_models(work, out_dir, log, vae_kwargs=vae_kwargs, vae=str(out_dir / "vae.safetensors"),
+                            indices=eval_indices, device=device)  # fmt: skip
         summary["eval"] = eres
         summary["eval_mean"] = {k: v.get("mean", v.get("error")) for k, v in eres.items()}
         log({"phase": "eval", **summary["eval_mean"]})
@@ -670,16 +675,9 @@ def run_stage3(out_dir: Path, work: Path, *, num_train: int, device: str, worker
                   seed=41)  # fmt: skip
     _streaming_variants(work, out_dir, common, log, summary)
 
-    models = {"bidirectional": ("bidirectional_short", out_dir / "dit_bidirectional.safetensors"),
-              "fm": ("long_streaming", out_dir / "dit_streaming_fm.safetensors")}  # fmt: skip
-    models.update({n: ("long_streaming", out_dir / f"dit_streaming_{n}.safetensors") for n in STREAMING_VARIANTS})
-    models = {k: v for k, v in models.items() if v[1].exists()}
-    eres = _run_parallel([
-        (f"eval_{n}", eval_job, dict(run_dir=str(work / f"eval_{n}"), vae_kwargs=vae_kwargs, mode=m, dit=str(p),
-                                     vae=vae, text=str(out_dir / "text_encoder.safetensors"),
-                                     indices=eval_indices, device=device))
-        for n, (m, p) in models.items()
-    ], log)  # fmt: skip
+    text = str(out_dir / "text_encoder.safetensors")
+    eres = _eval_models(work, out_dir, log, vae_kwargs=vae_kwargs, vae=vae, text=text, indices=eval_indices,
+                        device=device)  # fmt: skip
     summary["eval"] = eres
     summary["eval_mean"] = {k: v.get("mean", v.get("error")) for k, v in eres.items()}
     summary["demo"] = {k: v.get("demo") for k, v in eres.items()}
