@@ -207,23 +207,12 @@ def test_resume_after_ingest_or_egress_replica_is_killed(client, clip, ref, stag
 
 
 def test_h264_in_and_out(client, clip):
-    import av
 
     from services.ingest import _H264Decoder
     from services.wire import pb
 
-    enc = av.CodecContext.create("libx264", "w")
-    enc.width, enc.height, enc.pix_fmt = W, H, "yuv420p"
-    enc.options = {"preset": "ultrafast", "tune": "zerolatency"}
-    data = bytearray()
-    for i, f in enumerate(clip[:25]):
-        vf = av.VideoFrame.from_ndarray(f, format="rgb24")
-        vf.pts = i
-        for p in enc.encode(vf):
-            data += bytes(p)
-    for p in enc.encode(None):
-        data += bytes(p)
-    res = client.stream(None, PROMPT, h264=bytes(data), h264_chunk_bytes=4000, height=H, width=W)
+    data = h264_stream(clip[:25])
+    res = client.stream(None, PROMPT, h264=data, h264_chunk_bytes=4000, height=H, width=W)
     assert res.finished.frames_in == 25 and res.finished.frames_out == 25
     assert all(r.format == pb.FRAME_FORMAT_H264_ANNEXB for r in res.responses)
     out = _H264Decoder(H, W).push(res.h264, final=True)
