@@ -4,7 +4,8 @@
 
 At 1280x704, bf16, random weights, one session brought to steady state: DiT FPS with CUDA graphs (the engine's
 default) and eager, one forward's graph replay time, host syncs during a chunk (torch's sync debug mode), a
-device timeline of three chunks (busy vs wall time, the largest idle gaps and the kernels around them), the fast
+device timeline of three chunks (busy vs wall time, the largest idle gaps and the kernels around them, the host's
+longest CUDA runtime calls: a cudaGraphLaunch that blocks for a whole forward means the host is ahead), the fast
 path's error against the reference path, DiT FPS with compiled blocks (--compile) and the per-kernel device time of
 one forward (eager, as the runner calls it; --profile-compiled: the compiled blocks). `sana-stream bench` gives the
 stable figures; this script is for finding the next bottleneck. Needs CUDA (and diffusers for the VAE class).
@@ -96,6 +97,7 @@ def syncs_and_timeline(s: Setup) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             s.editor.generate(st, s.src[:, :, 9:18])
+            host = time.perf_counter() - t0  # when the host had queued everything
             _sync(s.dev)
             wall = time.perf_counter() - t0
     evs = sorted(
@@ -112,7 +114,27 @@ def syncs_and_timeline(s: Setup) -> dict:
             end = max(end, b)
     busy += end - start
     gaps = sorted(((evs[i + 1][0] - evs[i][1], i) for i in range(len(evs) - 1)), reverse=True)[:25]
+    # Host side: the CUDA runtime/driver calls (where a blocked host waits), by total and the longest ones.
+    api = [
+        (e.duration_ns() / 1e3, e.name(), (e.start_ns() / 1e3) - evs[0][0])
+        for e in prof.profiler.kineto_results.events()
+        if e.device_type() == DeviceType.CPU and e.name().startswith("cu")
+    ]
+    totals: dict[str, list[float]] = {}
+    for us, name, _ in api:
+        totals.setdefault(name, [0.0, 0])
+        totals[name][0] += us
+        totals[name][1] += 1
+    out["host_api_3_chunks"] = {
+        "totals_us": {
+            k: {"us": round(v[0], 1), "calls": v[1]} for k, v in sorted(totals.items(), key=lambda kv: -kv[1][0])[:12]
+        },
+        "longest": [
+            {"us": round(us, 1), "name": n, "at_us": round(at, 1)} for us, n, at in sorted(api, reverse=True)[:15]
+        ],
+    }
     out["timeline_3_chunks"] = {
+        "host_queued_ms": host * 1e3,
         "wall_ms": wall * 1e3,
         "device_busy_ms": busy / 1e3,
         "span_ms": (evs[-1][1] - evs[0][0]) / 1e3,
@@ -189,9 +211,12 @@ def main() -> None:
     with open(args.json, "w") as f:
         json.dump(res, f, indent=1)
     for k, v in res.items():
-        if k not in ("forward_kernels_us", "timeline_3_chunks"):
+        if k not in ("forward_kernels_us", "timeline_3_chunks", "host_api_3_chunks"):
             print(k, v)
     print("timeline", {k: v for k, v in res["timeline_3_chunks"].items() if k != "largest_gaps"})
+    for g in res["timeline_3_chunks"]["largest_gaps"][:12]:
+        print("gap", g)
+    print(json.dumps(res["host_api_3_chunks"], indent=1))
     for name, us in list(res["forward_kernels_us"].items())[:30]:
         print(f"{us:9.1f}  {name[:110]}")
 

@@ -52,8 +52,10 @@ _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # rounding cod
 
 @dataclass(frozen=True)
 class DWConvTiling:
-    """Launch parameters of `dwconv_glu`. Defaults: the fastest of the sweep at the real shape on H100 (84.0 us;
-    kernels/fused/README.md); with exact SiLU the fastest was DWConvTiling("dot", 16, 32, 22, 2, False), 89.7 us.
+    """Launch parameters of `dwconv_glu`. Defaults: the fastest inside the whole 2B forward on H100
+    (loadtest/tile_sweep.py: block_c 64 with 4 warps, -0.1 ms per forward against block_c 32 with 2 warps, which
+    the kernel-alone sweep had preferred at 84.0 us, kernels/fused/README.md); with exact SiLU the fastest alone
+    was DWConvTiling("dot", 16, 32, 22, 2, False), 89.7 us.
 
     Attributes:
         shift: how a program gets the horizontal neighbours: "load" (three loads, SiLU three times) or "dot"
@@ -68,9 +70,9 @@ class DWConvTiling:
 
     shift: str = "load"
     block_w: int = 8
-    block_c: int = 32
+    block_c: int = 64
     rows: int = 22
-    num_warps: int = 2
+    num_warps: int = 4
     fast_silu: bool = True
 
     def __post_init__(self) -> None:

@@ -63,7 +63,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GDNTiling:
-    """Launch parameters of the three phases (chosen by measurement on H100, kernels/gdn/README.md).
+    """Launch parameters of the three phases (chosen by measurement on H100: the kernel-alone sweeps of
+    kernels/gdn/README.md, then block_a 32 and stages_c 2 from the sweep inside the whole 2B forward,
+    loadtest/tile_sweep.py, which the kernel-alone timing had not preferred).
 
     Attributes:
         block_a, block_c: tokens per tile in phases A and C (powers of two >= 16).
@@ -75,7 +77,7 @@ class GDNTiling:
         warps_a, warps_c, stages_a, stages_c: num_warps / num_stages of phases A and C.
     """
 
-    block_a: int = 64
+    block_a: int = 32
     block_c: int = 128
     split_a: int = 1
     merge_a: bool = True
@@ -85,7 +87,7 @@ class GDNTiling:
     warps_a: int = 8
     warps_c: int = 16
     stages_a: int = 1
-    stages_c: int = 1
+    stages_c: int = 2
 
     def __post_init__(self) -> None:
         for name in ("block_a", "block_c", "block_v"):
