@@ -14,7 +14,8 @@ instead). `ChunkRunner.run(jobs)` does that for many sessions at once:
 - **Compiled blocks** with SANA_STREAM_COMPILE=1 (`compile_enabled`).
 - **CUDA graphs.** On CUDA each distinct signature (and batch size) is captured once into a graph over static
   buffers (`DiTModel.forward_step` is pure: no cache bookkeeping, no host synchronisation); a forward is then a few
-  buffer copies and one replay. The first chunks of a stream have their own signatures (no history, then the
+  buffer copies and one replay. The per-chunk inputs are copied from where the sessions' caches hold them, each
+  only if its buffer does not hold it already (`StaticInputs`). The first chunks of a stream have their own signatures (no history, then the
   sink-only window), so a stream uses three graphs; all graphs share one memory pool.
 
 The batched and graphed paths compute the same function as `SanaStreamingDiT.forward` with the session's cache;
@@ -26,12 +27,13 @@ Non-goals: deciding which sessions to batch together (the Generator deployment d
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from engine.model.cache import DiTCache, LayerRead, LayerWrite
+from engine.model.cache import DiTCache, LayerRead, LayerSource, LayerWrite
 from engine.model.fast_ops import fused_enabled
 from engine.model.hybrid_dit import SanaStreamingDiT
 from engine.sampler import StreamingSchedule, cfg_combine
@@ -59,24 +61,32 @@ class ChunkJob:
     runner keeps the text's cross-attention keys/values instead of projecting the text again every chunk."""
     result: Tensor | None = field(default=None, init=False)
     """(1, C, T, h, w) fp32 denoised latents, set by `ChunkRunner.run`."""
+    _sources: list[LayerSource] | None = field(default=None, init=False, repr=False)
     _reads: list[LayerRead] | None = field(default=None, init=False, repr=False)
 
     @property
     def branches(self) -> int:
         return self.text.shape[0]
 
+    def sources(self, model: SanaStreamingDiT) -> list[LayerSource]:
+        """Every block's cache entries for the chunk, as the cache holds them (no copy)."""
+        if self._sources is None:
+            self._sources = [self.cache.source(b.index) for b in model.blocks]
+        return self._sources
+
     def reads(self, model: SanaStreamingDiT) -> list[LayerRead]:
-        """Every block's read of this session's cache for the chunk (built once: it concatenates the window)."""
+        """Every block's read of this session's cache for the chunk (built once: it concatenates the window;
+        only the eager path and graph captures need it)."""
         if self._reads is None:
             tokens = self.source.shape[2] * self.source.shape[3] * self.source.shape[4]
-            self._reads = [self.cache.read(b.index, tokens) for b in model.blocks]
+            self._reads = [src.read(tokens) for src in self.sources(model)]
         return self._reads
 
     def signature(self, model: SanaStreamingDiT) -> tuple:
         """Everything that fixes the shapes of this job's forwards (jobs with equal signatures batch together)."""
-        reads = self.reads(model)
-        window = next((r.past_kv[0].shape[1] for r in reads if r.past_kv is not None), 0)
-        history = any(r.gdn_state is not None or r.ffn_ctx is not None for r in reads)
+        sources = self.sources(model)
+        window = next((s.window_tokens for s in sources if s.kv_parts), 0)
+        history = any(s.gdn_state is not None or s.ffn_ctx is not None for s in sources)
         return (
             tuple(self.source.shape),
             self.branches,
@@ -124,34 +134,111 @@ def _slice_writes(writes: list[LayerWrite], start: int, stop: int) -> list[Layer
     ]
 
 
-class _Graph:
-    """One captured `forward_step` over static input/output buffers.
+class StaticInputs:
+    """The static input buffers of one captured forward, and their loading.
 
-    Inputs that stay fixed for a whole chunk (source, text, RoPE table, cache reads: hundreds of MB at 2B with
-    the softmax window) are copied in once per chunk (`load_chunk`); each forward copies only x and timestep."""
+    Inputs that stay fixed for a whole chunk (source, text, RoPE table, cache entries: hundreds of MB at 2B with
+    the softmax window) are loaded once per chunk (`load_chunk`), straight from where each session's cache holds
+    them (the window's chunks into their rows of the static window buffer, no concatenation first), and only
+    where the buffer does not already hold that very tensor: a session's sink chunk and its prompt's text
+    keys/values are copied once, not every chunk. Each forward copies only x and timestep (`load_forward`)."""
 
     PER_FORWARD = ("x", "timestep")
 
-    def __init__(self, model: SanaStreamingDiT, inputs: dict, pool) -> None:
+    def __init__(self, inputs: dict) -> None:
         self.inputs = {k: _static(v) for k, v in inputs.items()}
+        self.copies = 0
+        """Tensors copied in so far (the ones found already held are not counted)."""
+        self._held: dict[tuple, tuple[weakref.ref, int]] = {}
+        """static slot -> (the tensor last copied there, its version then)."""
+        self._layouts: dict[tuple[int, int], tuple[int, ...]] = {}
+        """(block, first batch row) -> rows of each window part last loaded there."""
+
+    def load_chunk(self, inputs: dict, sources: list[tuple[list[LayerSource], int, int]]) -> None:
+        """inputs: everything but x, timestep and the cache reads; sources: (per-block cache entries, first
+        batch row, rows) of each job, in batch order."""
+        for k, v in self.inputs.items():
+            if k not in self.PER_FORWARD and k != "reads":
+                self._load((k,), v, inputs[k])
+        for layer, read in enumerate(self.inputs["reads"]):
+            for blocks, start, rows in sources:
+                self._load_block(layer, read, blocks[layer], start, slice(start, start + rows))
+
+    def load_forward(self, inputs: dict) -> None:
+        for k in self.PER_FORWARD:
+            self.inputs[k].copy_(inputs[k])
+
+    def _put(self, slot: tuple, dst: Tensor, src: Tensor) -> None:
+        """dst <- src unless dst already holds this tensor (same object, not modified since)."""
+        held = self._held.get(slot)
+        if held is not None and held[0]() is src and held[1] == src._version:
+            return
+        dst.copy_(src)
+        self.copies += 1
+        self._held[slot] = (weakref.ref(src), src._version)
+
+    def _load(self, slot: tuple, dst, src) -> None:
+        if isinstance(dst, Tensor):
+            self._put(slot, dst, src)
+        elif isinstance(dst, (list, tuple)):
+            for i, (d, s) in enumerate(zip(dst, src)):
+                self._load((*slot, i), d, s)
+
+    def _load_block(self, layer: int, read: LayerRead, src: LayerSource, start: int, at: slice) -> None:
+        if read.gdn_state is not None:
+            self._put((layer, "M", start), read.gdn_state[0][at], src.gdn_state[0])
+            self._put((layer, "z", start), read.gdn_state[1][at], src.gdn_state[1])
+        if read.ffn_ctx is not None:
+            self._put((layer, "ffn", start), read.ffn_ctx[at], src.ffn_ctx)
+        if read.past_kv is None:
+            return
+        layout = tuple(k.shape[1] for k, _ in src.kv_parts)
+        if self._layouts.get((layer, start)) != layout:  # other rows per part: none of them is held
+            self._layouts[(layer, start)] = layout
+            for key in [key for key in self._held if key[:3] in ((layer, "k", start), (layer, "v", start))]:
+                del self._held[key]
+        row = 0
+        for i, (k, v) in enumerate(src.kv_parts):
+            rows = slice(row, row + k.shape[1])
+            self._put((layer, "k", start, i), read.past_kv[0][at, rows], k)
+            self._put((layer, "v", start, i), read.past_kv[1][at, rows], v)
+            row += k.shape[1]
+        if row + read.kv_tail != read.past_kv[0].shape[1]:
+            raise RuntimeError(
+                f"block {layer}: a window of {row} rows for buffers of {read.past_kv[0].shape[1] - read.kv_tail}"
+            )
+
+
+class _Graph:
+    """One captured `forward_step` over `StaticInputs`."""
+
+    def __init__(self, model: SanaStreamingDiT, inputs: dict, pool) -> None:
+        self.static = StaticInputs(inputs)
         self._chunk_token: object | None = None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph (autotuning, lazy init)
             for _ in range(2):
-                model.forward_step(**self.inputs)
+                model.forward_step(**self.static.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.v, self.writes, _ = model.forward_step(**self.inputs)
+            self.v, self.writes, _ = model.forward_step(**self.static.inputs)
 
-    def __call__(self, inputs: dict, chunk_token: object) -> tuple[Tensor, list[LayerWrite]]:
-        """Replay on `inputs`; the per-chunk inputs are copied only when `chunk_token` differs from the last call's
-        (the runner passes one fresh token per group of forwards that share them)."""
+    @property
+    def inputs(self) -> dict:
+        return self.static.inputs
+
+    def __call__(
+        self, inputs: dict, chunk_token: object, sources: list[tuple[list[LayerSource], int, int]]
+    ) -> tuple[Tensor, list[LayerWrite]]:
+        """Replay on `inputs` and the jobs' cache entries (`StaticInputs.load_chunk`); the per-chunk inputs are
+        loaded only when `chunk_token` differs from the last call's (the runner passes one fresh token per group
+        of forwards that share them)."""
         if chunk_token is not self._chunk_token:
-            _copy_into({k: v for k, v in self.inputs.items() if k not in self.PER_FORWARD}, inputs)
+            self.static.load_chunk(inputs, sources)
             self._chunk_token = chunk_token
-        _copy_into({k: self.inputs[k] for k in self.PER_FORWARD}, inputs)
+        self.static.load_forward(inputs)
         self.graph.replay()
         return self.v, self.writes
 
@@ -166,21 +253,6 @@ def _static(v):
     if isinstance(v, LayerRead):
         return LayerRead(_static(v.gdn_state), _static(v.past_kv), _static(v.ffn_ctx), v.kv_tail)
     return v
-
-
-def _copy_into(dst, src) -> None:
-    if isinstance(dst, Tensor):
-        dst.copy_(src)
-    elif isinstance(dst, dict):
-        for k in dst:
-            _copy_into(dst[k], src[k])
-    elif isinstance(dst, (list, tuple)):
-        for d, s in zip(dst, src):
-            _copy_into(d, s)
-    elif isinstance(dst, LayerRead):
-        _copy_into(dst.gdn_state, src.gdn_state)
-        _copy_into(dst.past_kv, src.past_kv)
-        _copy_into(dst.ffn_ctx, src.ffn_ctx)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -234,14 +306,21 @@ class ChunkRunner:
                 self._run_group(sig, group[i : i + self.max_batch])
         return [job.result for job in jobs]  # type: ignore[misc]
 
-    def _forward(self, sig: tuple, inputs: dict, chunk_token: object) -> tuple[Tensor, list[LayerWrite]]:
+    def _forward(
+        self, sig: tuple, inputs: dict, chunk_token: object, jobs: list[ChunkJob], starts: list[int]
+    ) -> tuple[Tensor, list[LayerWrite]]:
+        m = self.model
         if not self.cuda_graphs:
-            v, writes, _ = self.model.forward_step(**inputs)
+            if inputs["reads"] is None:  # once per chunk
+                inputs["reads"] = _cat_reads([j.reads(m) for j in jobs])
+            v, writes, _ = m.forward_step(**inputs)
             return v, writes
         key = (*sig, inputs["x"].shape[0], inputs["text_mask"] is None)
-        if key not in self._graphs:
-            self._graphs[key] = _Graph(self.model, inputs, self._pool)
-        return self._graphs[key](inputs, chunk_token)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = _Graph(m, dict(inputs, reads=_cat_reads([j.reads(m) for j in jobs])), self._pool)
+            self._graphs[key] = graph
+        return graph(inputs, chunk_token, [(j.sources(m), s, j.branches) for j, s in zip(jobs, starts)])
 
     def _text_context(self, jobs: list[ChunkJob]) -> tuple[list[tuple[Tensor, Tensor]], bool]:
         """Every block's text keys/values for the jobs, stacked along the batch, and whether no text has padding
@@ -282,7 +361,7 @@ class ChunkRunner:
             "text_ctx": text_ctx,
             "text_mask": None if unpadded else torch.cat([j.mask for j in jobs]),
             "rope": rope,
-            "reads": _cat_reads([j.reads(m) for j in jobs]),
+            "reads": None,  # built from the jobs' cache entries where needed (`_forward`)
         }
         xs = [_to_device(j.noise, self.device) for j in jobs]
         chunk_token = object()  # every forward below shares the per-chunk inputs
@@ -292,7 +371,7 @@ class ChunkRunner:
         def forward(latents: list[Tensor], t: list[Tensor]) -> tuple[list[Tensor], list[LayerWrite]]:
             inputs["x"] = torch.cat([per_branch(x.to(m.dtype), j) for x, j in zip(latents, jobs)])
             inputs["timestep"] = torch.cat(t).float()
-            v, writes = self._forward(sig, inputs, chunk_token)
+            v, writes = self._forward(sig, inputs, chunk_token, jobs, starts)
             vs = []
             for j, s in zip(jobs, starts):
                 vj = v[s : s + j.branches]

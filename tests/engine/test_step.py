@@ -1,4 +1,5 @@
-"""Cross-session batching: several sessions' chunks in one forward equal each session run alone."""
+"""Cross-session batching: several sessions' chunks in one forward equal each session run alone; the static input
+buffers of the CUDA-graph path hold exactly what the caches read."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 
 from engine.config import get_preset
+from engine.model.cache import DiTCache, LayerRead, LayerWrite
 from engine.pipeline import Engine, StreamingEditor
 from engine.session import SessionSettings
-from engine.step import ChunkRunner
+from engine.step import ChunkRunner, StaticInputs
 
 LAT = get_preset("tiny").dit.in_channels  # latent channels of the tiny preset
 
@@ -134,3 +136,106 @@ def test_unpadded_text_runs_without_a_mask(editor):
         masked = dit(x, src, t, text, torch.ones(1, L, dtype=torch.int64))
         unmasked = dit(x, src, t, text, None)
     torch.testing.assert_close(unmasked, masked, atol=1e-5, rtol=1e-5)
+
+
+# --- StaticInputs: what the CUDA-graph path copies into its buffers (CPU: no graph, same loading code) ---------
+
+S_TOK, HEADS, HD, CH = 4, 2, 3, 5  # tokens per frame, heads, head dim, channels of a toy cache
+
+
+def _toy_cache(frames: list[int], seed: int, n: int = 2, sink: bool = True) -> DiTCache:
+    """A cache of two blocks (0: GDN, 1: softmax) with `frames` chunks written, random contents."""
+    g = torch.Generator().manual_seed(seed)
+    cache = DiTCache(softmax_layers=(1,), num_cached_blocks=n, sink_token=sink)
+    for f in frames:
+        toks = f * S_TOK
+        ffn = torch.randn(1, S_TOK, CH, generator=g).permute(0, 2, 1)[:, :, None]  # (1, C, 1, S), a strided view
+        state = (torch.randn(1, HEADS, HD, HD, generator=g), torch.randn(1, HEADS, HD, 1, generator=g))
+        gdn = LayerWrite(gdn_state=state, ffn_last=ffn)
+        kv = (torch.randn(1, toks, HEADS, HD, generator=g), torch.randn(1, toks, HEADS, HD, generator=g))
+        cache.write([gdn, LayerWrite(kv=kv, ffn_last=ffn.clone())], f)
+    return cache
+
+
+def _tail(cache: DiTCache) -> list:
+    return [cache.read(layer, 3 * S_TOK) for layer in (0, 1)]
+
+
+def _assert_holds(static: StaticInputs, cache: DiTCache, start: int = 0) -> None:
+    """The static buffers' batch row `start` holds what cache.read gives (the window rows; the tail is free)."""
+    at = slice(start, start + 1)
+    for got, want in zip(static.inputs["reads"], _tail(cache)):
+        if want.gdn_state is not None:
+            assert torch.equal(got.gdn_state[0][at], want.gdn_state[0])
+            assert torch.equal(got.gdn_state[1][at], want.gdn_state[1])
+        assert torch.equal(got.ffn_ctx[at], want.ffn_ctx)
+        if want.past_kv is not None:
+            rows = want.past_kv[0].shape[1] - want.kv_tail
+            assert torch.equal(got.past_kv[0][at, :rows], want.past_kv[0][:, :rows])
+            assert torch.equal(got.past_kv[1][at, :rows], want.past_kv[1][:, :rows])
+
+
+def _load(static: StaticInputs, *caches: DiTCache) -> int:
+    before = static.copies
+    sources = [([c.source(0), c.source(1)], i, 1) for i, c in enumerate(caches)]
+    static.load_chunk({"text_ctx": TEXT}, sources)
+    return static.copies - before
+
+
+TEXT = [(torch.randn(1, HEADS, 7, HD), torch.randn(1, HEADS, 7, HD))]
+
+
+def test_static_inputs_hold_what_the_cache_reads():
+    a, b = _toy_cache([5, 3, 3], seed=1), _toy_cache([5, 3, 3], seed=2)
+    template = {"x": torch.zeros(1), "timestep": torch.zeros(1), "text_ctx": TEXT, "reads": _tail(a)}
+    static = StaticInputs(template)
+    for r in static.inputs["reads"]:  # the buffers start from garbage, not from a's values
+        for t in (*(r.gdn_state or ()), *(r.past_kv or ()), r.ffn_ctx):
+            t.fill_(float("nan"))
+    static.inputs["text_ctx"][0][0].fill_(float("nan"))
+    assert _load(static, a) == 2 + 2 + 1 + 1 + 2 * 2  # text k, v; M, z; 2 FFN frames; sink + previous chunk k, v
+    _assert_holds(static, a)
+    assert torch.equal(static.inputs["text_ctx"][0][0], TEXT[0][0])
+    assert _load(static, a) == 0  # the same chunk again: everything is held
+
+    _toy_write(a, seed=3)  # a's next chunk: new GDN state, FFN frames and previous chunk; the sink stays
+    assert _load(static, a) == 2 + 2 + 2  # M, z, 2 FFN frames, the new previous chunk's k and v
+    _assert_holds(static, a)
+
+    assert _load(static, b) == 2 + 2 + 2 * 2  # another session in the slot: all of its cache
+    _assert_holds(static, b)
+    assert _load(static, a) == 2 + 2 + 2 * 2  # and back: a's sink was overwritten, so it is copied again
+    _assert_holds(static, a)
+
+
+def _toy_write(cache: DiTCache, seed: int) -> None:
+    other = _toy_cache([3], seed)
+    w = [LayerWrite(gdn_state=other.gdn[0], ffn_last=other.ffn[0]),
+         LayerWrite(kv=(other.kv[1][0]["k"], other.kv[1][0]["v"]), ffn_last=other.kv[1][0]["ffn"])]  # fmt: skip
+    cache.write(w, 3)
+
+
+def test_static_inputs_with_another_window_layout_and_batch_rows():
+    """Equal window lengths split into other chunks (sink 5 + 3 frames vs 2 + 3 + 3 frames, no sink) share the
+    buffers: switching layouts must not trust rows that a part of the other layout overwrote."""
+    a = _toy_cache([5, 3, 3], seed=1)
+    c = _toy_cache([2, 3, 3], seed=4, n=3, sink=False)
+    assert [k.shape[1] for k, _ in a.source(1).kv_parts] == [5 * S_TOK, 3 * S_TOK]
+    assert [k.shape[1] for k, _ in c.source(1).kv_parts] == [2 * S_TOK, 3 * S_TOK, 3 * S_TOK]
+    two = [a.read(0, 3 * S_TOK), a.read(1, 3 * S_TOK)]
+    two = [LayerRead(*(None if t is None else (tuple(torch.cat([x, x]) for x in t) if isinstance(t, tuple)
+                                               else torch.cat([t, t])) for t in (r.gdn_state, r.past_kv, r.ffn_ctx)),
+                     r.kv_tail) for r in two]  # fmt: skip
+    static = StaticInputs({"x": torch.zeros(2), "timestep": torch.zeros(2), "text_ctx": TEXT, "reads": two})
+    _load(static, a, c)
+    _assert_holds(static, a, 0)
+    _assert_holds(static, c, 1)
+    _load(static, c, a)  # swapped rows
+    _assert_holds(static, c, 0)
+    _assert_holds(static, a, 1)
+    _load(static, a, c)
+    _assert_holds(static, a, 0)
+    _assert_holds(static, c, 1)
+    short = _toy_cache([3, 3], seed=5)  # a window of other length: refused, not silently misplaced
+    with pytest.raises(RuntimeError, match="window of"):
+        _load(static, short, c)
