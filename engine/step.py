@@ -15,8 +15,9 @@ instead). `ChunkRunner.run(jobs)` does that for many sessions at once:
 - **CUDA graphs.** On CUDA each distinct signature (and batch size) is captured once into a graph over static
   buffers (`DiTModel.forward_step` is pure: no cache bookkeeping, no host synchronisation); a forward is then a few
   buffer copies and one replay. The per-chunk inputs are copied from where the sessions' caches hold them, each
-  only if its buffer does not hold it already (`StaticInputs`). The first chunks of a stream have their own signatures (no history, then the
-  sink-only window), so a stream uses three graphs; all graphs share one memory pool.
+  only if its buffer does not hold it already (`StaticInputs`). The first chunks of a stream have their own
+  signatures (no history, then the sink-only window), so a stream uses three graphs; all graphs share one memory
+  pool.
 
 The batched and graphed paths compute the same function as `SanaStreamingDiT.forward` with the session's cache;
 equality is tested on the CPU (batching) and measured on the GPU (graphs), see loadtest/results/.
