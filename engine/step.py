@@ -12,12 +12,15 @@ instead). `ChunkRunner.run(jobs)` does that for many sessions at once:
 - **Fused projections.** Where the fast path is on (`fused_enabled`: CUDA, unless SANA_STREAM_FUSED=0), the
   runner fuses the model's projections once (`SanaStreamingDiT.fuse_projections`).
 - **Compiled blocks** with SANA_STREAM_COMPILE=1 (`compile_enabled`).
-- **CUDA graphs.** On CUDA each distinct signature (and batch size) is captured once into a graph over static
-  buffers (`DiTModel.forward_step` is pure: no cache bookkeeping, no host synchronisation); a forward is then a few
-  buffer copies and one replay. The per-chunk inputs are copied from where the sessions' caches hold them, each
-  only if its buffer does not hold it already (`StaticInputs`). The first chunks of a stream have their own
-  signatures (no history, then the sink-only window), so a stream uses three graphs; all graphs share one memory
-  pool.
+- **CUDA graphs.** On CUDA each distinct signature (and batch composition) is captured once into a graph over
+  static buffers, replayed for every chunk of every session with that signature. By default the graph holds the
+  whole chunk (`_ChunkGraph`: every denoising forward, the CFG combines, the Euler updates and the t = 0 refresh),
+  so a chunk is one replay and the host launches nothing between its forwards; SANA_STREAM_CHUNK_GRAPHS=0 captures
+  one forward per graph instead (`_Graph`; the Euler steps then run eagerly between replays).
+  `DiTModel.forward_step` is pure (no cache bookkeeping, no host synchronisation). The per-chunk inputs are copied
+  from where the sessions' caches hold them, each only if its buffer does not hold it already (`StaticInputs`).
+  The first chunks of a stream have their own signatures (no history, then the sink-only window), so a stream uses
+  three graphs; all graphs share one memory pool.
 
 The batched and graphed paths compute the same function as `SanaStreamingDiT.forward` with the session's cache;
 equality is tested on the CPU (batching) and measured on the GPU (graphs), see loadtest/results/.
@@ -142,11 +145,13 @@ class StaticInputs:
     the softmax window) are loaded once per chunk (`load_chunk`), straight from where each session's cache holds
     them (the window's chunks into their rows of the static window buffer, no concatenation first), and only
     where the buffer does not already hold that very tensor: a session's sink chunk and its prompt's text
-    keys/values are copied once, not every chunk. Each forward copies only x and timestep (`load_forward`)."""
+    keys/values are copied once, not every chunk. Each forward copies only x and timestep (`load_forward`); a
+    whole-chunk graph has no per-forward inputs (`per_forward=()`: its noise is a per-chunk input)."""
 
     PER_FORWARD = ("x", "timestep")
 
-    def __init__(self, inputs: dict) -> None:
+    def __init__(self, inputs: dict, per_forward: tuple[str, ...] = PER_FORWARD) -> None:
+        self.per_forward = per_forward
         self.inputs = {k: _static(v) for k, v in inputs.items()}
         self.copies = 0
         """Tensors copied in so far (the ones found already held are not counted)."""
@@ -159,14 +164,14 @@ class StaticInputs:
         """inputs: everything but x, timestep and the cache reads; sources: (per-block cache entries, first
         batch row, rows) of each job, in batch order."""
         for k, v in self.inputs.items():
-            if k not in self.PER_FORWARD and k != "reads":
+            if k not in self.per_forward and k != "reads":
                 self._load((k,), v, inputs[k])
         for layer, read in enumerate(self.inputs["reads"]):
             for blocks, start, rows in sources:
                 self._load_block(layer, read, blocks[layer], start, slice(start, start + rows))
 
     def load_forward(self, inputs: dict) -> None:
-        for k in self.PER_FORWARD:
+        for k in self.per_forward:
             self.inputs[k].copy_(inputs[k])
 
     def _put(self, slot: tuple, dst: Tensor, src: Tensor) -> None:
@@ -210,21 +215,33 @@ class StaticInputs:
             )
 
 
+def _capture_cuda(fn, pool) -> tuple:
+    """Capture `fn()` (reading only static buffers) into a CUDA graph: (replay, fn's outputs as the graph's static
+    output buffers). Two warm-up calls on a side stream first (autotuning, lazy initialisation, workspaces)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn()
+    return graph.replay, outputs
+
+
+_capture = _capture_cuda
+"""How `_Graph` and `_ChunkGraph` capture; tests substitute an eager stand-in with the same contract (outputs
+live in fixed buffers that each replay overwrites, inputs are read from the static buffers at replay)."""
+
+
 class _Graph:
     """One captured `forward_step` over `StaticInputs`."""
 
     def __init__(self, model: SanaStreamingDiT, inputs: dict, pool) -> None:
         self.static = StaticInputs(inputs)
         self._chunk_token: object | None = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (autotuning, lazy init)
-            for _ in range(2):
-                model.forward_step(**self.static.inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.v, self.writes, _ = model.forward_step(**self.static.inputs)
+        self.replay, (self.v, self.writes, _) = _capture(lambda: model.forward_step(**self.static.inputs), pool)
 
     @property
     def inputs(self) -> dict:
@@ -240,8 +257,54 @@ class _Graph:
             self.static.load_chunk(inputs, sources)
             self._chunk_token = chunk_token
         self.static.load_forward(inputs)
-        self.graph.replay()
+        self.replay()
         return self.v, self.writes
+
+
+class _ChunkGraph:
+    """One whole chunk of a group of jobs captured as one graph: every denoising forward, the CFG combines, the
+    Euler updates and the t = 0 refresh (`ChunkRunner._denoise` over `forward_step`), from the jobs' noise to their
+    denoised latents and the cache writes. The host launches one replay per chunk; nothing runs eagerly between the
+    forwards. Replayed for any jobs with the same signature, branches and CFG scales (the scales are constants of
+    the captured combine)."""
+
+    def __init__(
+        self, runner: ChunkRunner, plans: list[_Plan], efficient: bool, is_last: bool, inputs: dict, pool
+    ) -> None:
+        self.static = StaticInputs(inputs, per_forward=())
+        m, st = runner.model, self.static.inputs
+        fixed = {k: st[k] for k in ("source", "text", "text_ctx", "text_mask", "rope", "reads")}
+
+        def forward(x: Tensor, t: Tensor) -> tuple[Tensor, list[LayerWrite]]:
+            v, writes, _ = m.forward_step(x=x, timestep=t, **fixed)
+            return v, writes
+
+        def chunk() -> tuple[list[Tensor], list[LayerWrite] | None]:
+            return runner._denoise(plans, efficient, is_last, list(st["noise"]), forward)
+
+        self.replay, (self.xs, self.writes) = _capture(chunk, pool)
+
+    @property
+    def inputs(self) -> dict:
+        return self.static.inputs
+
+    def __call__(
+        self, inputs: dict, sources: list[tuple[list[LayerSource], int, int]]
+    ) -> tuple[list[Tensor], list[LayerWrite] | None]:
+        """Load the chunk's inputs (noise included) and the jobs' cache entries, replay; returns the graph's own
+        output buffers (the next replay overwrites them)."""
+        self.static.load_chunk(inputs, sources)
+        self.replay()
+        return self.xs, self.writes
+
+
+def _per_branch(t: Tensor, branches: int) -> Tensor:
+    """A job's (1, ...) tensor for each of its CFG branches."""
+    return t.expand(branches, *t.shape[1:])
+
+
+def _graph_pool():
+    return torch.cuda.graph_pool_handle()
 
 
 def _static(v):
@@ -277,16 +340,41 @@ def cuda_graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("SANA_STREAM_CUDA_GRAPHS", "1") != "0"
 
 
+def chunk_graphs_enabled() -> bool:
+    """Where graphs are on: one graph per whole chunk unless SANA_STREAM_CHUNK_GRAPHS=0 (then one per forward)."""
+    return os.environ.get("SANA_STREAM_CHUNK_GRAPHS", "1") != "0"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the denoising loop of one job depends on besides its tensors (a captured chunk keeps these, not the
+    job: a graph must not hold a session's cache alive)."""
+
+    branches: int
+    schedule: StreamingSchedule
+    cfg_scale: float
+
+
 class ChunkRunner:
     """Runs chunk jobs of any number of sessions, batching compatible ones and replaying CUDA graphs."""
 
-    def __init__(self, model: SanaStreamingDiT, cuda_graphs: bool | None = None, max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        model: SanaStreamingDiT,
+        cuda_graphs: bool | None = None,
+        max_batch: int = 8,
+        chunk_graphs: bool | None = None,
+    ) -> None:
+        """cuda_graphs: None = on for CUDA (`cuda_graphs_enabled`); chunk_graphs: with graphs on, one graph per
+        whole chunk (None = `chunk_graphs_enabled`) or one per forward."""
         self.model = model
         self.device = model.x_embedder.proj.weight.device
         self.cuda_graphs = cuda_graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs
+        self.chunk_graphs = self.cuda_graphs and (chunk_graphs_enabled() if chunk_graphs is None else chunk_graphs)
         self.max_batch = max_batch
         self._graphs: dict[tuple, _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._chunk_graphs: dict[tuple, _ChunkGraph] = {}
+        self._pool = _graph_pool() if self.cuda_graphs else None
         if fused_enabled(self.device) and not model.training and not model.projections_fused:
             model.fuse_projections()
         if compile_enabled(self.device) and not model.blocks_compiled:
@@ -294,7 +382,7 @@ class ChunkRunner:
 
     @property
     def num_graphs(self) -> int:
-        return len(self._graphs)
+        return len(self._graphs) + len(self._chunk_graphs)
 
     @torch.no_grad()
     def run(self, jobs: list[ChunkJob]) -> list[Tensor]:
@@ -311,9 +399,7 @@ class ChunkRunner:
         self, sig: tuple, inputs: dict, chunk_token: object, jobs: list[ChunkJob], starts: list[int]
     ) -> tuple[Tensor, list[LayerWrite]]:
         m = self.model
-        if not self.cuda_graphs:
-            if inputs["reads"] is None:  # once per chunk
-                inputs["reads"] = _cat_reads([j.reads(m) for j in jobs])
+        if not self.cuda_graphs:  # the reads were built once for the chunk (`_run_group`)
             v, writes, _ = m.forward_step(**inputs)
             return v, writes
         key = (*sig, inputs["x"].shape[0], inputs["text_mask"] is None)
@@ -350,48 +436,77 @@ class ChunkRunner:
         T, H, W = jobs[0].source.shape[2:]
         bs = [j.branches for j in jobs]
         starts = [sum(bs[:i]) for i in range(len(jobs))]
-
-        def per_branch(t: Tensor, job: ChunkJob) -> Tensor:
-            return t.expand(job.branches, *t.shape[1:])
-
-        rope = torch.cat([per_branch(m.rope.table(j.cache.next_frame, T, H, W, self.device)[None], j) for j in jobs])
+        rope = torch.cat([_per_branch(m.rope.table(j.cache.next_frame, T, H, W, self.device)[None], j.branches)
+                          for j in jobs])  # fmt: skip
         text_ctx, unpadded = self._text_context(jobs)
         inputs = {
-            "source": torch.cat([per_branch(j.source, j) for j in jobs]),
+            "source": torch.cat([_per_branch(j.source, j.branches) for j in jobs]),
             "text": None,
             "text_ctx": text_ctx,
             "text_mask": None if unpadded else torch.cat([j.mask for j in jobs]),
             "rope": rope,
-            "reads": None,  # built from the jobs' cache entries where needed (`_forward`)
+            "reads": None,  # built from the jobs' cache entries where needed (eager path, captures)
         }
         xs = [_to_device(j.noise, self.device) for j in jobs]
-        chunk_token = object()  # every forward below shares the per-chunk inputs
-        sched = jobs[0].schedule
-        n = len(sched)
+        plans = [_Plan(j.branches, j.schedule, j.cfg_scale) for j in jobs]
+        efficient, is_last = jobs[0].efficient_cache, jobs[0].is_last
+        if self.chunk_graphs:
+            key = (*sig, sum(bs), unpadded, tuple(p.cfg_scale if p.branches > 1 else 1.0 for p in plans))
+            graph = self._chunk_graphs.get(key)
+            if graph is None:
+                reads = _cat_reads([j.reads(m) for j in jobs])
+                graph = _ChunkGraph(self, plans, efficient, is_last, dict(inputs, reads=reads, noise=xs), self._pool)
+                self._chunk_graphs[key] = graph
+            outs, writes = graph(dict(inputs, noise=xs), [(j.sources(m), s, j.branches) for j, s in zip(jobs, starts)])
+            xs = [x.clone() for x in outs]  # the next replay overwrites the graph's buffers
+        else:
+            if not self.cuda_graphs:
+                inputs["reads"] = _cat_reads([j.reads(m) for j in jobs])
+            chunk_token = object()  # every forward below shares the per-chunk inputs
 
-        def forward(latents: list[Tensor], t: list[Tensor]) -> tuple[list[Tensor], list[LayerWrite]]:
-            inputs["x"] = torch.cat([per_branch(x.to(m.dtype), j) for x, j in zip(latents, jobs)])
-            inputs["timestep"] = torch.cat(t).float()
-            v, writes = self._forward(sig, inputs, chunk_token, jobs, starts)
-            vs = []
-            for j, s in zip(jobs, starts):
-                vj = v[s : s + j.branches]
-                vs.append(cfg_combine(vj[:1], vj[1:], j.cfg_scale) if j.branches > 1 else vj)
-            return vs, writes
+            def forward(x: Tensor, t: Tensor) -> tuple[Tensor, list[LayerWrite]]:
+                return self._forward(sig, dict(inputs, x=x, timestep=t), chunk_token, jobs, starts)
 
-        for i in range(n):
-            vs, writes = forward(xs, [j.schedule.timestep(i, j.branches, self.device) for j in jobs])
-            if i == n - 1 and jobs[0].efficient_cache and not jobs[0].is_last:
-                self._write(jobs, starts, writes, T)
-            xs = [j.schedule.step(v, i, x) for j, v, x in zip(jobs, vs, xs)]
-        if not jobs[0].efficient_cache and not jobs[0].is_last:
-            _, writes = forward(xs, [torch.zeros(j.branches, device=self.device) for j in jobs])
+            xs, writes = self._denoise(plans, efficient, is_last, xs, forward)
+        if writes is not None:
             self._write(jobs, starts, writes, T)
-        elif jobs[0].is_last:  # the last chunk's cache is never read: only advance the cursor
+        elif is_last:  # the last chunk's cache is never read: only advance the cursor
             for j in jobs:
                 j.cache.chunk_frames.append(T)
         for j, x in zip(jobs, xs):
             j.result = x
+
+    def _denoise(
+        self, plans: list[_Plan], efficient: bool, is_last: bool, xs: list[Tensor], forward
+    ) -> tuple[list[Tensor], list[LayerWrite] | None]:
+        """The chunk's sampling loop on device tensors alone (no host synchronisation, so a graph can hold it):
+        `steps` denoising forwards with CFG and Euler updates, then the t = 0 refresh unless the last step saves
+        (efficient_cache) or nothing will read the cache (the last chunk).
+
+        xs: each job's (1, C, T, h, w) fp32 noise; forward(x, timestep) -> (velocity, writes) for the batch.
+        Returns each job's fp32 latents and the writes to store (None: store nothing)."""
+        dtype, device = self.model.dtype, self.device
+        n = len(plans[0].schedule)
+
+        def velocities(latents: list[Tensor], t: list[Tensor]) -> tuple[list[Tensor], list[LayerWrite]]:
+            x = torch.cat([_per_branch(x.to(dtype), p.branches) for x, p in zip(latents, plans)])
+            v, writes = forward(x, torch.cat(t).float())
+            vs, start = [], 0
+            for p in plans:
+                vj = v[start : start + p.branches]
+                vs.append(cfg_combine(vj[:1], vj[1:], p.cfg_scale) if p.branches > 1 else vj)
+                start += p.branches
+            return vs, writes
+
+        saved = None
+        for i in range(n):
+            vs, writes = velocities(xs, [p.schedule.timestep(i, p.branches, device) for p in plans])
+            if i == n - 1 and efficient and not is_last:
+                saved = writes
+            xs = [p.schedule.step(v, i, x) for p, v, x in zip(plans, vs, xs)]
+        if not efficient and not is_last:
+            _, saved = velocities(xs, [torch.zeros(p.branches, device=device) for p in plans])
+        return xs, saved
 
     @staticmethod
     def _write(jobs: list[ChunkJob], starts: list[int], writes: list[LayerWrite], T: int) -> None:

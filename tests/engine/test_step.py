@@ -138,6 +138,88 @@ def test_unpadded_text_runs_without_a_mask(editor):
     torch.testing.assert_close(unmasked, masked, atol=1e-5, rtol=1e-5)
 
 
+# --- the graph paths, with an eager stand-in for the capture (CPU has no CUDA graphs) ---------------------------
+
+
+def _copy_into(dst, src) -> None:
+    """Every tensor of `src` into the same place of `dst` (what a graph replay does to its output buffers)."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (list, tuple)):
+        for d, s in zip(dst, src, strict=True):
+            _copy_into(d, s)
+    elif isinstance(dst, LayerWrite):
+        for name in ("gdn_state", "kv", "ffn_last"):
+            _copy_into(getattr(dst, name), getattr(src, name))
+    elif isinstance(dst, dict):
+        assert dst.keys() == src.keys()
+        for k in dst:
+            _copy_into(dst[k], src[k])
+    else:
+        assert dst is None and src is None, (dst, src)
+
+
+@pytest.fixture
+def replaying_capture(monkeypatch):
+    """engine.step's capture replaced by one with the same contract on the CPU: the captured function reads only
+    the static buffers, its first outputs are the graph's output buffers, and each replay overwrites them."""
+    from engine import step
+
+    counts = {"captures": 0, "replays": 0}
+
+    def capture(fn, pool):
+        counts["captures"] += 1
+        outputs = fn()
+
+        def replay():
+            counts["replays"] += 1
+            _copy_into(outputs, fn())
+
+        return replay, outputs
+
+    monkeypatch.setattr(step, "_capture", capture)
+    monkeypatch.setattr(step, "_graph_pool", lambda: None)
+    return counts
+
+
+@pytest.mark.parametrize("chunk_graphs", [True, False], ids=["chunk_graphs", "forward_graphs"])
+def test_graph_paths_equal_the_eager_path(editor, replaying_capture, chunk_graphs):
+    """Two sessions (one with CFG) streamed through graphs, then a third session replaying the graphs the first
+    two captured: every chunk equals the eager runner's, bit for bit (same ops on the CPU), and the captures are
+    one per signature and batch composition, not per chunk or session."""
+    specs = [("make the red circle blue", 1, 1.0), ("convert to grayscale", 2, 3.0)]
+    sources = [_sources(14, 20 + i) for i in range(3)]
+
+    def stream(runner) -> list[torch.Tensor]:
+        editor.runner = runner
+        states = [editor.open(_settings(p, s, cfg_scale=c)) for p, s, c in specs]
+        outs = [[] for _ in states]
+        for a in range(0, 12, 3):  # live: chunk by chunk, the two sessions each on their own
+            for k, st in enumerate(states):
+                outs[k].append(editor.generate(st, sources[k][:, :, a : a + 3]))
+        for k, st in enumerate(states):
+            outs[k].append(editor.generate(st, sources[k][:, :, 12:], final=True))
+        # A third session replays session 0's graphs, its steady chunks in one call (the same graph twice in a row).
+        third = editor.open(_settings("turn the background into a checkerboard", 3))
+        outs.append([editor.generate(third, sources[2], final=True)])
+        return [torch.cat(o, dim=2) for o in outs]
+
+    saved = editor.runner
+    try:
+        eager = stream(ChunkRunner(editor.engine.dit, cuda_graphs=False))
+        graphed = stream(ChunkRunner(editor.engine.dit, cuda_graphs=True, chunk_graphs=chunk_graphs))
+        runner = editor.runner
+    finally:
+        editor.runner = saved
+    for e, g in zip(eager, graphed, strict=True):
+        assert e.shape == g.shape
+        assert torch.equal(g, e)
+    # Chunks 0, 1, steady, last (2 frames), for each of branches 1 / 2: 8 signatures, each captured once.
+    assert runner.num_graphs == replaying_capture["captures"] == 8
+    forwards_per_chunk = 1 if chunk_graphs else SessionSettings(prompt="").steps + 1
+    assert replaying_capture["replays"] > 3 * forwards_per_chunk * 3
+
+
 # --- StaticInputs: what the CUDA-graph path copies into its buffers (CPU: no graph, same loading code) ---------
 
 S_TOK, HEADS, HD, CH = 4, 2, 3, 5  # tokens per frame, heads, head dim, channels of a toy cache
