@@ -16,6 +16,7 @@ Fast-path figures (skipped with --quick):
     forward_breakdown_ms    device time of one forward by category (gemm, attention, gdn, norms_elementwise, other)
     gdn_layer_us, gdn_mixer_device_us, gdn_floor_us, gdn_backend   one GDN mixer at the real shape vs its floor
     dit_fps_eager, dit_fps_graphs, graphs_vs_eager_rel_err         the chunk step without / with CUDA graphs
+    dit_fps_forward_graphs, forward_graphs_vs_chunk_graphs_rel_err one graph per forward instead of per chunk
     dit_fps_graphs_unfused  graphs without the fused projections and elementwise kernels (SANA_STREAM_FUSED=0)
     dit_fps_graphs_compiled, compiled_vs_eager_rel_err             graphs over torch.compile'd blocks
     fast_vs_reference_rel_err   the dispatched fast path (fused GDN, projections, elementwise) vs the plain-PyTorch
@@ -334,6 +335,18 @@ def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int
         if True in results_by_mode:
             out["dit_fps_graphs"] = 3 * tc / results_by_mode[True][0]
             out["graphs_vs_eager_rel_err"] = _rel_err(results_by_mode[True][1], results_by_mode[False][1])
+            # One graph per forward (the Euler steps eager between replays) instead of one per chunk.
+            editor.runner = ChunkRunner(dit, chunk_graphs=False)
+            st = editor.restore(blob)
+            editor.generate(st, src[:, :, :6])
+            _sync(device)
+            t0 = time.perf_counter()
+            lat = editor.generate(st, src[:, :, 6:])
+            _sync(device)
+            out["dit_fps_forward_graphs"] = 3 * tc * chunks / (time.perf_counter() - t0)
+            out["forward_graphs_vs_chunk_graphs_rel_err"] = _rel_err(lat, results_by_mode[True][1])
+            del st, lat
+            editor.runner = None
             # The same with graphs but without the fused projections and elementwise kernels (fused GDN kept).
             with _env(SANA_STREAM_FUSED="0"):
                 dit.unfuse_projections()

@@ -52,9 +52,12 @@ class Setup:
         gen = torch.Generator(self.dev).manual_seed(3)
         self.src = torch.randn(1, c, 30, h, w, device=self.dev, dtype=dt, generator=gen)
 
-    def chunk_fps(self, graphs: bool = True, reps: int = 2) -> tuple[float, torch.Tensor]:
-        """Best of `reps`: 8 chunks after 2 warm-up chunks, one generate call."""
-        self.editor.runner = step_mod.ChunkRunner(self.dit, cuda_graphs=graphs)
+    def chunk_fps(
+        self, graphs: bool = True, reps: int = 2, chunk_graphs: bool | None = None
+    ) -> tuple[float, torch.Tensor]:
+        """Best of `reps`: 8 chunks after 2 warm-up chunks, one generate call (chunk_graphs: one graph per chunk,
+        False: per forward; None: the engine's default)."""
+        self.editor.runner = step_mod.ChunkRunner(self.dit, cuda_graphs=graphs, chunk_graphs=chunk_graphs)
         best, lat = 0.0, None
         for _ in range(reps):
             st = self.editor.restore(self.blob)
@@ -68,17 +71,28 @@ class Setup:
         return best, lat
 
 
-def replay_ms(s: Setup) -> float:
-    """One forward's graph replay, alone (the largest captured graph of the last runner)."""
-    g = max(s.editor.runner._graphs.values(), key=lambda gr: gr.inputs["x"].numel())
+def _replay_ms(replay, device) -> float:
     for _ in range(3):
-        g.graph.replay()
-    _sync(s.dev)
+        replay()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(20):
-        g.graph.replay()
-    _sync(s.dev)
+        replay()
+    _sync(device)
     return (time.perf_counter() - t0) / 20 * 1e3
+
+
+def replay_ms(s: Setup) -> dict[str, float]:
+    """Graph replays alone, back to back: one forward's graph (a per-forward runner's steady-state graph) and one
+    whole chunk's (the default runner's)."""
+    s.chunk_fps(reps=1, chunk_graphs=False)
+    g = max(s.editor.runner._graphs.values(), key=lambda gr: gr.inputs["x"].numel())
+    out = {"replay_ms_per_forward": _replay_ms(g.replay, s.dev)}
+    s.chunk_fps(reps=1, chunk_graphs=True)
+    window = lambda gr: max((r.past_kv[0].shape[1] for r in gr.inputs["reads"] if r.past_kv is not None), default=0)  # noqa: E731
+    g = max(s.editor.runner._chunk_graphs.values(), key=window)
+    out["replay_ms_per_chunk_graph"] = _replay_ms(g.replay, s.dev)
+    return out
 
 
 def syncs_and_timeline(s: Setup) -> dict:
@@ -181,7 +195,8 @@ def main() -> None:
     s = Setup()
     res: dict = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     res["dit_fps_graphs"], lat_graphs = s.chunk_fps()
-    res["replay_ms_per_forward"] = replay_ms(s)
+    res["dit_fps_forward_graphs"], _ = s.chunk_fps(chunk_graphs=False)
+    res.update(replay_ms(s))
     res.update(syncs_and_timeline(s))
     res["dit_fps_eager"], lat_eager = s.chunk_fps(graphs=False, reps=1)
     res["graphs_vs_eager_rel_err"] = _rel_err(lat_graphs, lat_eager)

@@ -69,14 +69,14 @@ def replay_ms(setup: profile_dit.Setup, inputs: dict, pool, gdn=None, dw=None) -
         with torch.no_grad():
             graph = step_mod._Graph(setup.dit, inputs, pool)
         for _ in range(3):
-            graph.graph.replay()
+            graph.replay()
         torch.cuda.synchronize()
         best = float("inf")
         for _ in range(3):
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             for _ in range(8):
-                graph.graph.replay()
+                graph.replay()
             e1.record()
             e1.synchronize()
             best = min(best, e0.elapsed_time(e1) / 8)
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--json", default="/tmp/tile_sweep.json")
     args = ap.parse_args()
     s = profile_dit.Setup()
-    s.chunk_fps(reps=1)  # captures the runner's graphs; the steady-state one has the longest window
+    s.chunk_fps(reps=1, chunk_graphs=False)  # captures per-forward graphs; the steady-state one has the longest window
 
     def window(graph) -> int:
         reads = [r for r in graph.inputs["reads"] if r.past_kv is not None]
