@@ -293,6 +293,20 @@ def run_bench(args) -> int:
     return 0
 
 
+def _timed_chunks(editor: StreamingEditor, runner, blob: bytes, src: torch.Tensor, chunks: int, device):
+    """Restore the session from `blob`, run two chunks on `runner` (warm-up and graph capture), then time `chunks`
+    more in one `generate` call. Returns (warm-up seconds, seconds per timed chunk, the timed chunks' latents)."""
+    editor.runner = runner
+    st = editor.restore(blob)
+    t0 = time.perf_counter()
+    editor.generate(st, src[:, :, :6])
+    _sync(device)
+    t1 = time.perf_counter()
+    lat = editor.generate(st, src[:, :, 6:])
+    _sync(device)
+    return t1 - t0, (time.perf_counter() - t1) / chunks, lat
+
+
 def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int, device, tc: int) -> dict:
     """Performance-I figures: breakdown, GDN layer vs floor, graphs on/off, batched throughput, fast-path error."""
     from engine.step import ChunkRunner
@@ -318,46 +332,27 @@ def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int
 
         # Chunks through the runner with and without CUDA graphs, from the same snapshot; and their difference.
         blob = state.snapshot()
+        src = torch.randn(1, x.shape[1], 3 * (chunks + 2), *x.shape[3:], device=device, dtype=dit.dtype,
+                          generator=torch.Generator(device).manual_seed(1))  # fmt: skip
         results_by_mode = {}
         for graphs in (False, True) if device.type == "cuda" else (False,):
-            runner = ChunkRunner(dit, cuda_graphs=graphs)
-            editor.runner = runner
-            st = editor.restore(blob)
-            src = torch.randn(1, x.shape[1], 3 * (chunks + 2), *x.shape[3:], device=device, dtype=dit.dtype,
-                              generator=torch.Generator(device).manual_seed(1))  # fmt: skip
-            editor.generate(st, src[:, :, :6])  # warm-up (and graph capture)
-            _sync(device)
-            t0 = time.perf_counter()
-            lat = editor.generate(st, src[:, :, 6:])
-            _sync(device)
-            results_by_mode[graphs] = ((time.perf_counter() - t0) / chunks, lat)
+            _, per_chunk, lat = _timed_chunks(editor, ChunkRunner(dit, cuda_graphs=graphs), blob, src, chunks, device)
+            results_by_mode[graphs] = (per_chunk, lat)
         out["dit_fps_eager"] = 3 * tc / results_by_mode[False][0]
         if True in results_by_mode:
             out["dit_fps_graphs"] = 3 * tc / results_by_mode[True][0]
             out["graphs_vs_eager_rel_err"] = _rel_err(results_by_mode[True][1], results_by_mode[False][1])
             # One graph per forward (the Euler steps eager between replays) instead of one per chunk.
-            editor.runner = ChunkRunner(dit, chunk_graphs=False)
-            st = editor.restore(blob)
-            editor.generate(st, src[:, :, :6])
-            _sync(device)
-            t0 = time.perf_counter()
-            lat = editor.generate(st, src[:, :, 6:])
-            _sync(device)
-            out["dit_fps_forward_graphs"] = 3 * tc * chunks / (time.perf_counter() - t0)
+            _, per_chunk, lat = _timed_chunks(editor, ChunkRunner(dit, chunk_graphs=False), blob, src, chunks, device)
+            out["dit_fps_forward_graphs"] = 3 * tc / per_chunk
             out["forward_graphs_vs_chunk_graphs_rel_err"] = _rel_err(lat, results_by_mode[True][1])
-            del st, lat
+            del lat
             editor.runner = None
             # The same with graphs but without the fused projections and elementwise kernels (fused GDN kept).
             with _env(SANA_STREAM_FUSED="0"):
                 dit.unfuse_projections()
-                editor.runner = ChunkRunner(dit)
-                st = editor.restore(blob)
-                editor.generate(st, src[:, :, :6])
-                _sync(device)
-                t0 = time.perf_counter()
-                editor.generate(st, src[:, :, 6:])
-                _sync(device)
-                out["dit_fps_graphs_unfused"] = 3 * tc * chunks / (time.perf_counter() - t0)
+                _, per_chunk, _ = _timed_chunks(editor, ChunkRunner(dit), blob, src, chunks, device)
+                out["dit_fps_graphs_unfused"] = 3 * tc / per_chunk
             editor.runner = ChunkRunner(dit)  # fuses again
 
         # The dispatched fast path (fused GDN, fused projections and elementwise kernels) against the plain-PyTorch
@@ -395,15 +390,10 @@ def _dit_fast_paths(editor: StreamingEditor, state, x: torch.Tensor, chunks: int
             try:
                 t0 = time.perf_counter()
                 dit.compile_blocks()
-                editor.runner = ChunkRunner(dit)
-                st = editor.restore(blob)
-                editor.generate(st, src[:, :, :6])  # compile + capture
-                out["compile_s"] = time.perf_counter() - t0
-                _sync(device)
-                t0 = time.perf_counter()
-                lat = editor.generate(st, src[:, :, 6:])
-                _sync(device)
-                out["dit_fps_graphs_compiled"] = 3 * tc * chunks / (time.perf_counter() - t0)
+                compile_s = time.perf_counter() - t0
+                warm_s, per_chunk, lat = _timed_chunks(editor, ChunkRunner(dit), blob, src, chunks, device)
+                out["compile_s"] = compile_s + warm_s  # compile + capture
+                out["dit_fps_graphs_compiled"] = 3 * tc / per_chunk
                 out["compiled_vs_eager_rel_err"] = _rel_err(lat, results_by_mode[False][1])
             except Exception as e:  # report, don't lose the other figures
                 out["compile_error"] = f"{type(e).__name__}: {e}"[:500]
