@@ -55,6 +55,12 @@ def variants() -> list[tuple[str, tg.GDNTiling | None, tf.DWConvTiling | None]]:
         ("dw dot bw16", None, R(W, shift="dot", block_w=16)),
         ("previous defaults", R(G, block_a=64, stages_c=1), R(W, block_c=32, num_warps=2)),
         ("default", None, None),
+        ("dw pairs", None, R(W, paired_rounding=True)),
+        ("dw pairs bc32 w2", None, R(W, paired_rounding=True, block_c=32, num_warps=2)),
+        ("default", None, None),
+        ("dw pairs", None, R(W, paired_rounding=True)),
+        ("dw pairs dot bw16", None, R(W, paired_rounding=True, shift="dot", block_w=16)),
+        ("default", None, None),
     ]
 
 
@@ -92,6 +98,7 @@ def replay_ms(setup: profile_dit.Setup, inputs: dict, pool, gdn=None, dw=None) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default="/tmp/tile_sweep.json")
+    ap.add_argument("--match", default="", help="only the variants whose name contains this (and the controls)")
     args = ap.parse_args()
     s = profile_dit.Setup()
     s.chunk_fps(reps=1, chunk_graphs=False)  # captures per-forward graphs; the steady-state one has the longest window
@@ -111,6 +118,8 @@ def main() -> None:
         "ms_per_forward": {},
     }
     for name, gdn, dw in variants():
+        if args.match not in name and name != "default":
+            continue
         ms = replay_ms(s, inputs, pool, gdn, dw)
         res["ms_per_forward"].setdefault(name, []).append(ms)
         print(f"{name:24s} {ms}", flush=True)

@@ -66,6 +66,8 @@ class DWConvTiling:
         num_warps: warps per program.
         fast_silu: bf16 / fp16 on the GPU only: SiLU through tanh.approx (one special-function op instead of
             two; relative error about 2^-11, so the kernel no longer rounds y exactly as the reference).
+        paired_rounding: bf16 on the GPU only: round to bf16 two elements per conversion (`_rnd` PAIRS),
+            bit-identical to one per conversion.
     """
 
     shift: str = "load"
@@ -74,6 +76,7 @@ class DWConvTiling:
     rows: int = 22
     num_warps: int = 4
     fast_silu: bool = True
+    paired_rounding: bool = False
 
     def __post_init__(self) -> None:
         if self.shift not in _SHIFTS:
@@ -145,18 +148,26 @@ def _inner(t: Tensor) -> Tensor:
 
 
 @triton.jit
-def _rnd(v, CODE: tl.constexpr, INTERP: tl.constexpr):
+def _rnd(v, CODE: tl.constexpr, INTERP: tl.constexpr, PAIRS: tl.constexpr = False):
     """fp32 v rounded (to nearest even) to the dtype CODE names (0 fp32: unchanged, 1 bf16, 2 fp16), as fp32.
 
     On the GPU through inline PTX: the compiler folds a plain `v.to(bf16).to(fp32)` away (measured: results
     then differ from the reference's in a third of the elements). bf16: one cvt packs bf16(v) into the upper
-    half and bf16(0) = 0 into the lower half, which are the fp32 bits of bf16(v). The interpreter's fp32 -> bf16
-    cast truncates, so there the rounding is done on the bits."""
+    half and bf16(0) = 0 into the lower half, which are the fp32 bits of bf16(v). PAIRS (bf16 only): one cvt
+    rounds two elements into one register (the first in the upper half), split again by a mask and a shift,
+    which halves the conversions on the quarter-rate pipe for two full-rate integer ops. Same bits either way.
+    The interpreter's fp32 -> bf16 cast truncates, so there the rounding is done on the bits."""
     if CODE == 1:
         if INTERP:
             bits = v.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
             v = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+        elif PAIRS:
+            v = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, u; cvt.rn.bf16x2.f32 t, $2, $3; and.b32 u, t, 0xFFFF0000; mov.b32 $0, u; "
+                "shl.b32 u, t, 16; mov.b32 $1, u; }",
+                "=f,=f,f,f", [v], dtype=tl.float32, is_pure=True, pack=2,
+            )  # fmt: skip
         else:
             v = tl.inline_asm_elementwise(
                 "{ .reg .b32 t; .reg .f32 z; mov.f32 z, 0f00000000; cvt.rn.bf16x2.f32 t, $1, z; mov.b32 $0, t; }",
@@ -205,9 +216,9 @@ def _silu(v, INTERP: tl.constexpr, FAST: tl.constexpr = False):
 
 
 @triton.jit
-def _y(u, RND: tl.constexpr, INTERP: tl.constexpr, FAST: tl.constexpr):
+def _y(u, RND: tl.constexpr, INTERP: tl.constexpr, FAST: tl.constexpr, PAIRS: tl.constexpr):
     """A loaded tile of u -> y = SiLU(u) in fp32, rounded to u's dtype (the reference's first rounding)."""
-    return _rnd(_silu(u.to(tl.float32), INTERP, FAST), RND, INTERP)
+    return _rnd(_silu(u.to(tl.float32), INTERP, FAST), RND, INTERP, PAIRS)
 
 
 @triton.jit
@@ -256,19 +267,19 @@ def _load_row(rowp, r, last, w, c, cm, H, W, s_un, SHIFT: tl.constexpr):
 
 @triton.jit
 def _lyr(ul, uc, ur, SHIFT: tl.constexpr, BW: tl.constexpr, RND: tl.constexpr, INTERP: tl.constexpr,
-         FAST: tl.constexpr):  # fmt: skip
+         FAST: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
     """Raw tiles of one row -> (y[w - 1], y[w], y[w + 1]) in fp32, y = SiLU(u) rounded to u's dtype."""
     if SHIFT == 0:
-        yl = _y(ul, RND, INTERP, FAST)
-        yc = _y(uc, RND, INTERP, FAST)
-        yr = _y(ur, RND, INTERP, FAST)
+        yl = _y(ul, RND, INTERP, FAST, PAIRS)
+        yc = _y(uc, RND, INTERP, FAST, PAIRS)
+        yr = _y(ur, RND, INTERP, FAST, PAIRS)
     else:  # the products' operand: y rounded once, straight to u's dtype (fp32 holding it in the interpreter)
         if RND == 1 and not INTERP:
             y = _silu(uc.to(tl.float32), INTERP, FAST).to(tl.bfloat16)
         elif RND == 2 and not INTERP:
             y = _silu(uc.to(tl.float32), INTERP, FAST).to(tl.float16)
         else:
-            y = _y(uc, RND, INTERP, FAST)
+            y = _y(uc, RND, INTERP, FAST, PAIRS)
         yl = _shift_rows(y, BW, -1, RND, INTERP)
         yc = _shift_rows(y, BW, 0, RND, INTERP)
         yr = _shift_rows(y, BW, 1, RND, INTERP)
@@ -281,7 +292,7 @@ def _dwconv_glu_kernel(
     T, H, W, F, n_hc,
     s_ub, s_un, s_ob, s_on,
     HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr,
-    RND: tl.constexpr, FAST: tl.constexpr, INTERP: tl.constexpr,
+    RND: tl.constexpr, FAST: tl.constexpr, PAIRS: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """grid (column strips, frames x row chunks, channel blocks). Output row o = p0(o-1) + p1(o) + p2(o+1) with
     p_k(r) the horizontal 3-tap sum of input row r under kernel row k; a0 / a1 carry the partial sums of the
@@ -338,12 +349,12 @@ def _dwconv_glu_kernel(
         rowp = ub + ((r + 1) * W).to(tl.int64) * s_un  # prefetch row r + 1
         nla, nca, nra = _load_row(rowp, r + 1, last, w, c, cm, H, W, s_un, SHIFT)
         nlg, ncg, nrg = _load_row(rowp, r + 1, last, w, cg, cm, H, W, s_un, SHIFT)
-        la, ya, ra = _lyr(ula, uca, ura, SHIFT, BW, RND, INTERP, FAST)
-        lg, yg, rg = _lyr(ulg, ucg, urg, SHIFT, BW, RND, INTERP, FAST)
+        la, ya, ra = _lyr(ula, uca, ura, SHIFT, BW, RND, INTERP, FAST, PAIRS)
+        lg, yg, rg = _lyr(ulg, ucg, urg, SHIFT, BW, RND, INTERP, FAST, PAIRS)
         if i >= 2:  # output row r - 1 is complete
-            za = _rnd(acc_a0 + a20 * la + a21 * ya + a22 * ra, RND, INTERP)
-            zg = _rnd(acc_g0 + g20 * lg + g21 * yg + g22 * rg, RND, INTERP)
-            out = za * _rnd(_silu(zg, INTERP, FAST), RND, INTERP)
+            za = _rnd(acc_a0 + a20 * la + a21 * ya + a22 * ra, RND, INTERP, PAIRS)
+            zg = _rnd(acc_g0 + g20 * lg + g21 * yg + g22 * rg, RND, INTERP, PAIRS)
+            out = za * _rnd(_silu(zg, INTERP, FAST), RND, INTERP, PAIRS)
             orow = ob + ((r - 1) * W).to(tl.int64) * s_on
             tl.store(orow + ooff, _out(out, o_ptr, RND, INTERP), mask=omask)
         acc_a0 = acc_a1 + a10 * la + a11 * ya + a12 * ra  # fma chains; the bias starts the first partial sum
@@ -466,7 +477,8 @@ def dwconv_glu(
         frames, height, width, Fh, n_hc,
         u.stride(0), u.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, SHIFT=_SHIFTS[t.shift], BW=t.block_w, BC=t.block_c, RH=t.rows,
-        RND=_code(u.dtype), FAST=t.fast_silu and u.dtype != torch.float32, INTERP=_interpreting(),
+        RND=_code(u.dtype), FAST=t.fast_silu and u.dtype != torch.float32, PAIRS=t.paired_rounding,
+        INTERP=_interpreting(),
         num_warps=t.num_warps,
     )  # fmt: skip
     return out
