@@ -67,7 +67,8 @@ class DWConvTiling:
         fast_silu: bf16 / fp16 on the GPU only: SiLU through tanh.approx (one special-function op instead of
             two; relative error about 2^-11, so the kernel no longer rounds y exactly as the reference).
         paired_rounding: bf16 on the GPU only: round to bf16 two elements per conversion (`_rnd` PAIRS),
-            bit-identical to one per conversion.
+            bit-identical to one per conversion but slower on H100 (82.4 against 81.5 us alone,
+            loadtest/results/paired_rounding_h100.json): the conversions are not what bounds the kernel. Off.
     """
 
     shift: str = "load"
