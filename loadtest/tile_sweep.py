@@ -61,6 +61,14 @@ def variants() -> list[tuple[str, tg.GDNTiling | None, tf.DWConvTiling | None]]:
         ("dw pairs", None, R(W, paired_rounding=True)),
         ("dw pairs dot bw16", None, R(W, paired_rounding=True, shift="dot", block_w=16)),
         ("default", None, None),
+        ("gdn a_splitd", R(G, split_d_a=True), None),
+        ("gdn a_splitd w4", R(G, split_d_a=True, warps_a=4), None),
+        ("gdn a_splitd w2", R(G, split_d_a=True, warps_a=2), None),
+        ("default", None, None),
+        ("gdn a_splitd w4 b64", R(G, split_d_a=True, warps_a=4, block_a=64), None),
+        ("gdn a_splitd w4 s2", R(G, split_d_a=True, warps_a=4, stages_a=2), None),
+        ("gdn a_splitd nomerge w4", R(G, split_d_a=True, merge_a=False, warps_a=4), None),
+        ("default", None, None),
     ]
 
 

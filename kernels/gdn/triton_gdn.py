@@ -71,6 +71,9 @@ class GDNTiling:
         block_a, block_c: tokens per tile in phases A and C (powers of two >= 16).
         split_a: token ranges per frame in phase A, each writing partial sums that phase B adds up.
         merge_a: phase A computes P and P_z in one program (one read of k, two accumulators).
+        split_d_a: phase A gives each (D/2)^2 block of a frame's matrices its own program (3 of P and P_z, which
+            are symmetric, 4 of A: 7 programs per frame and head instead of 2, with quarter-size accumulators);
+            only where the padded D is at least 32 (tensor-core blocks of 16).
         tokens_c: tokens per program in phase C (it loads its frame's state once for all of them).
         block_v: value columns of M per program in phase B (a power of two >= 16).
         warps_b: num_warps of phase B.
@@ -81,6 +84,7 @@ class GDNTiling:
     block_c: int = 128
     split_a: int = 1
     merge_a: bool = True
+    split_d_a: bool = False
     tokens_c: int = 512
     block_v: int = 32
     warps_b: int = 8
@@ -239,12 +243,16 @@ def _run(
     pa = _empty((B * H * T, split, 3, D, D), torch.float32, dev)
     bz = _empty((B * H * T, split, D), torch.float32, dev)
     merge = tiling.merge_a
-    _phase_a_kernel[(2 if merge else 3, B * H * T * split)](
+    bo = bd // 2 if tiling.split_d_a and bd >= 32 else bd
+    nb = bd // bo
+    nsym = nb * (nb + 1) // 2
+    jobs = nsym + nb * nb + (0 if merge else nsym)
+    _phase_a_kernel[(jobs, B * H * T * split)](
         k, k_rot, v, beta, rstd_k, w_k, rope_args[0], rope_args[1], pa, bz,
         *k.stride()[:4], *k_rot.stride()[:4], *v.stride()[:4], *beta.stride(),
         H, T, S, D, split, s_per_split, *rope_args[2:], k_scale,
         PROLOGUE=fused, ROPE=rope.mode, MERGE=merge, BF16=bf16, EMU=_interpreting(), PREC=prec, BS=bs, BD=bd,
-        num_warps=tiling.warps_a, num_stages=tiling.stages_a,
+        BO=bo, num_warps=tiling.warps_a, num_stages=tiling.stages_a,
     )  # fmt: skip
     op_dtype = torch.bfloat16 if bf16 else torch.float32
     hs, zs, fkv, fz = _scan_state(pa, bz, decay, state_kv, state_z, (B, H, T, D), split, ndir, op_dtype, tiling)

@@ -57,6 +57,7 @@ def _features(
     offs_s,
     mask_s,
     offs_d,
+    offs_d0,
     D: tl.constexpr,
     rstd_base,
     w_base,
@@ -79,7 +80,8 @@ def _features(
 ):
     """A (BS, BD) fp32 tile of q or k features of frame t and of their rotation, padded with zeros.
 
-    Tokens offs_s of the frame sit at x_base + rows (int32 offsets from the program's base pointer).
+    Tokens offs_s of the frame sit at x_base + rows (int32 offsets from the program's base pointer); the tile's
+    channels are offs_d = offs_d0 + arange(BD) (offs_d0 even, so that RoPE pairs stay whole).
     PROLOGUE: x holds the raw projection; features = ReLU(raw * rstd[token] * w) * scale and the rotation is
     RoPE of those (ROPE = 1: cos/sin (N, D/2) rows t*S + s; = 2: per-axis tables, `Rope3DTables`; 0: none).
     Otherwise x / xr hold both ready-made.
@@ -96,7 +98,7 @@ def _features(
             rot = plain
         else:
             HALF: tl.constexpr = D // 2
-            offs_h = tl.arange(0, BD // 2)
+            offs_h = offs_d0 // 2 + tl.arange(0, BD // 2)  # the tile's channel pairs
             if ROPE == 1:
                 cs_off = (t * S + offs_s)[:, None] * HALF + offs_h[None, :]
                 cmask = mask_s[:, None] & (offs_h[None, :] < HALF)
@@ -196,7 +198,7 @@ def _prologue_kernel(
     offs_d = tl.arange(0, BD)
     x_base = x_ptr + (b.to(tl.int64) * sxb + (t * S).to(tl.int64) * sxn + h * D)
     plain, rot = _features(
-        x_base, x_base, offs_s * sxn, offs_s * sxn, offs_s, mask_s, offs_d, D,
+        x_base, x_base, offs_s * sxn, offs_s * sxn, offs_s, mask_s, offs_d, 0, D,
         rstd_ptr + (b.to(tl.int64) * T * S + t * S), w_ptr + h * D, cos_ptr + b * csb, sin_ptr + b * csb,
         t, T, S, GRID_W, GRID_H, PT, PTH, scale, True, ROPE, True, True, BS, BD,
     )  # fmt: skip
@@ -205,6 +207,46 @@ def _prologue_kernel(
     mask2 = mask_s[:, None] & (offs_d[None, :] < D)
     tl.store(y_ptr + out + o_off, plain.to(y_ptr.dtype.element_ty), mask=mask2)
     tl.store(yr_ptr + out + o_off, rot.to(yr_ptr.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def _sym_block(
+    k_base, kr_base, beta_base, sks, srs, sbs, s_begin, s_end, offs_i, offs_j, bi, bj, D: tl.constexpr, rstd_base,
+    w_base, cos_ptr, sin_ptr, t, T, S, GRID_W: tl.constexpr, GRID_H: tl.constexpr, PT: tl.constexpr,
+    PTH: tl.constexpr, scale, PROLOGUE: tl.constexpr, ROPE: tl.constexpr, BF16: tl.constexpr, EMU: tl.constexpr,
+    PREC: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr, DO_P: tl.constexpr, DO_Z: tl.constexpr,
+):  # fmt: skip
+    """Block (bi, bj) of P = K_r^T diag(beta) K_r (DO_P) and of P_z = K^T diag(beta) K with b_z = K^T beta over
+    block column bi (DO_Z), over tokens [s_begin, s_end): each token tile's features are built once per block
+    column (once when bi == bj)."""
+    acc = tl.zeros((BO, BO), tl.float32)
+    acc_z = tl.zeros((BO, BO), tl.float32)
+    bz = tl.zeros((BO,), tl.float32)
+    for s0 in range(s_begin, s_end, BS):
+        offs_s = s0 + tl.arange(0, BS)
+        mask_s = offs_s < s_end
+        beta = tl.load(beta_base + offs_s * sbs, mask=mask_s, other=0.0).to(tl.float32)
+        k_i, kr_i = _features(
+            k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_i, bi * BO, D, rstd_base, w_base,
+            cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE if DO_P else 0, DO_Z, DO_P,
+            BS, BO,
+        )  # fmt: skip
+        if bi == bj:
+            k_j, kr_j = k_i, kr_i
+        else:
+            k_j, kr_j = _features(
+                k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_j, bj * BO, D, rstd_base, w_base,
+                cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE if DO_P else 0, DO_Z,
+                DO_P, BS, BO,
+            )  # fmt: skip
+        if DO_P:
+            kb = _op(tl.trans(kr_i * beta[:, None]), BF16, EMU)
+            acc = tl.dot(kb, _op(kr_j, BF16, EMU), acc, input_precision=PREC)
+        if DO_Z:
+            kbf = k_i * beta[:, None]
+            bz += tl.sum(kbf, axis=0)
+            acc_z = tl.dot(_op(tl.trans(kbf), BF16, EMU), _op(k_j, BF16, EMU), acc_z, input_precision=PREC)
+    return acc, acc_z, bz
 
 
 @triton.jit
@@ -255,14 +297,28 @@ def _phase_a_kernel(
     PREC: tl.constexpr,
     BS: tl.constexpr,
     BD: tl.constexpr,
+    BO: tl.constexpr,
 ):
-    """Per-frame matrices. grid (2 if MERGE else 3, B*H*T*N_SPLIT); program_id 0 picks what to accumulate:
-    MERGE: 0 = P and P_z, b_z (one read of k), 1 = A; else 0 = P, 1 = A, 2 = P_z and b_z.
+    """Per-frame matrices. grid (jobs, B*H*T*N_SPLIT). Each D x D matrix is held as NB x NB blocks of BO x BO
+    (NB = BD // BO, 1 or 2) and a job accumulates one block: P and P_z are symmetric, so only the blocks on and
+    above the diagonal are computed (each off-diagonal one stored twice, transposed), A needs all of them.
+    Jobs in program_id 0 order: MERGE: NSYM blocks of P and P_z together (one read of k), then NB^2 blocks of A;
+    else NSYM of P, NB^2 of A, NSYM of P_z (NSYM = NB (NB + 1) / 2). With NB = 1: 0 = P (and P_z), 1 = A, 2 = P_z.
+    Smaller blocks mean more programs with smaller accumulators (more of them resident per SM); the features
+    of a block column are then built by every job that reads it.
 
     P = K_r^T diag(beta) K_r, A = K_r^T diag(beta) V, P_z = K^T diag(beta) K, b_z = K^T beta over this split's
     tokens: pa (B*H*T, N_SPLIT, 3, D, D) fp32 [P, A, P_z] and bz (B*H*T, N_SPLIT, D) fp32.
     """
-    which = tl.program_id(0)
+    tl.static_assert(BD // BO <= 2)
+    NB: tl.constexpr = BD // BO
+    NSYM: tl.constexpr = NB * (NB + 1) // 2
+    job = tl.program_id(0)
+    which = (job >= NSYM).to(tl.int32) + (job >= NSYM + NB * NB).to(tl.int32)  # 0 = P (+ P_z), 1 = A, 2 = P_z
+    p = job - (which >= 1).to(tl.int32) * NSYM - (which == 2).to(tl.int32) * (NB * NB)
+    # The block (i, j): A's p-th in row-major order; P's p-th of (0, 0), (0, 1), (1, 1) (NB <= 2).
+    bi = tl.where(which == 1, p // NB, p // 2)
+    bj = tl.where(which == 1, p % NB, (p + 1) // 2)
     pid = tl.program_id(1)
     split = pid % N_SPLIT
     bht = pid // N_SPLIT
@@ -270,7 +326,8 @@ def _phase_a_kernel(
     bh = bht // T
     h = bh % H
     b = bh // H
-    offs_d = tl.arange(0, BD)
+    offs_i = bi * BO + tl.arange(0, BO)
+    offs_j = bj * BO + tl.arange(0, BO)
     k_base = k_ptr + (b.to(tl.int64) * skb + h * skh + t.to(tl.int64) * skt)
     kr_base = kr_ptr + (b.to(tl.int64) * srb + h * srh + t.to(tl.int64) * srt)
     v_base = v_ptr + (b.to(tl.int64) * svb + h * svh + t.to(tl.int64) * svt)
@@ -281,70 +338,62 @@ def _phase_a_kernel(
     sin_ptr += b * csb
     s_begin = split * S_PER_SPLIT
     s_end = tl.minimum(S, s_begin + S_PER_SPLIT)
-    acc = tl.zeros((BD, BD), tl.float32)
-    acc_z = tl.zeros((BD, BD), tl.float32)
-    bz = tl.zeros((BD,), tl.float32)
+    acc = tl.zeros((BO, BO), tl.float32)
+    acc_z = tl.zeros((BO, BO), tl.float32)
+    bz = tl.zeros((BO,), tl.float32)
     if which == 1:  # A = K_r^T diag(beta) V
         for s0 in range(s_begin, s_end, BS):
             offs_s = s0 + tl.arange(0, BS)
             mask_s = offs_s < s_end
             beta = tl.load(beta_base + offs_s * sbs, mask=mask_s, other=0.0).to(tl.float32)
             _, kr = _features(
-                k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_d, D, rstd_base, w_base,
+                k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_i, bi * BO, D, rstd_base, w_base,
                 cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, False, True,
-                BS, BD,
+                BS, BO,
             )  # fmt: skip
-            vmask = mask_s[:, None] & (offs_d[None, :] < D)
-            v = tl.load(v_base + ((offs_s * svs)[:, None] + offs_d[None, :]), mask=vmask, other=0.0)
+            vmask = mask_s[:, None] & (offs_j[None, :] < D)
+            v = tl.load(v_base + ((offs_s * svs)[:, None] + offs_j[None, :]), mask=vmask, other=0.0)
             kb = _op(tl.trans(kr * beta[:, None]), BF16, EMU)
             acc = tl.dot(kb, _op(v.to(tl.float32), BF16, EMU), acc, input_precision=PREC)
-    elif MERGE:  # P and P_z, b_z from one read of k
-        for s0 in range(s_begin, s_end, BS):
-            offs_s = s0 + tl.arange(0, BS)
-            mask_s = offs_s < s_end
-            beta = tl.load(beta_base + offs_s * sbs, mask=mask_s, other=0.0).to(tl.float32)
-            k, kr = _features(
-                k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_d, D, rstd_base, w_base,
-                cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, True, True, BS, BD,
-            )  # fmt: skip
-            acc = tl.dot(_op(tl.trans(kr * beta[:, None]), BF16, EMU), _op(kr, BF16, EMU), acc, input_precision=PREC)
-            kbf = k * beta[:, None]
-            bz += tl.sum(kbf, axis=0)
-            acc_z = tl.dot(_op(tl.trans(kbf), BF16, EMU), _op(k, BF16, EMU), acc_z, input_precision=PREC)
-    elif which == 0:  # P = K_r^T diag(beta) K_r
-        for s0 in range(s_begin, s_end, BS):
-            offs_s = s0 + tl.arange(0, BS)
-            mask_s = offs_s < s_end
-            beta = tl.load(beta_base + offs_s * sbs, mask=mask_s, other=0.0).to(tl.float32)
-            _, kr = _features(
-                k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_d, D, rstd_base, w_base,
-                cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, False, True,
-                BS, BD,
-            )  # fmt: skip
-            acc = tl.dot(_op(tl.trans(kr * beta[:, None]), BF16, EMU), _op(kr, BF16, EMU), acc, input_precision=PREC)
-    else:  # P_z = K^T diag(beta) K, b_z = K^T beta
-        for s0 in range(s_begin, s_end, BS):
-            offs_s = s0 + tl.arange(0, BS)
-            mask_s = offs_s < s_end
-            beta = tl.load(beta_base + offs_s * sbs, mask=mask_s, other=0.0).to(tl.float32)
-            k, _ = _features(
-                k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_d, D, rstd_base, w_base,
-                cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, 0, True, False, BS, BD,
-            )  # fmt: skip
-            kbf = k * beta[:, None]
-            bz += tl.sum(kbf, axis=0)
-            acc_z = tl.dot(_op(tl.trans(kbf), BF16, EMU), _op(k, BF16, EMU), acc_z, input_precision=PREC)
-    out = pa_ptr + (bht * N_SPLIT + split).to(tl.int64) * 3 * D * D
-    mask_dd = (offs_d[:, None] < D) & (offs_d[None, :] < D)
-    dd = offs_d[:, None] * D + offs_d[None, :]
-    if which == 1:
-        tl.store(out + D * D + dd, acc, mask=mask_dd)
     else:
-        if MERGE or which == 0:
-            tl.store(out + dd, acc, mask=mask_dd)
-        if MERGE or which == 2:
-            tl.store(out + 2 * D * D + dd, acc_z, mask=mask_dd)
-            tl.store(bz_ptr + (bht * N_SPLIT + split).to(tl.int64) * D + offs_d, bz, mask=offs_d < D)
+        if MERGE:  # P and P_z, b_z from one read of k
+            acc, acc_z, bz = _sym_block(
+                k_base, kr_base, beta_base, sks, srs, sbs, s_begin, s_end, offs_i, offs_j, bi, bj, D, rstd_base,
+                w_base, cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, BF16, EMU, PREC,
+                BS, BO, True, True,
+            )  # fmt: skip
+        elif which == 0:
+            acc, acc_z, bz = _sym_block(
+                k_base, kr_base, beta_base, sks, srs, sbs, s_begin, s_end, offs_i, offs_j, bi, bj, D, rstd_base,
+                w_base, cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, BF16, EMU, PREC,
+                BS, BO, True, False,
+            )  # fmt: skip
+        else:
+            acc, acc_z, bz = _sym_block(
+                k_base, kr_base, beta_base, sks, srs, sbs, s_begin, s_end, offs_i, offs_j, bi, bj, D, rstd_base,
+                w_base, cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, BF16, EMU, PREC,
+                BS, BO, False, True,
+            )  # fmt: skip
+    z_job = which == 2
+    if MERGE:
+        z_job = which == 0
+    out = pa_ptr + (bht * N_SPLIT + split).to(tl.int64) * 3 * D * D
+    mask_ij = (offs_i[:, None] < D) & (offs_j[None, :] < D)
+    dd = offs_i[:, None] * D + offs_j[None, :]
+    dd_t = offs_j[None, :] * D + offs_i[:, None]  # the mirrored block of a symmetric matrix
+    if which == 1:
+        tl.store(out + D * D + dd, acc, mask=mask_ij)
+    else:
+        if which == 0:
+            tl.store(out + dd, acc, mask=mask_ij)
+            if bi != bj:
+                tl.store(out + dd_t, acc, mask=mask_ij)
+        if z_job:
+            tl.store(out + 2 * D * D + dd, acc_z, mask=mask_ij)
+            if bi != bj:
+                tl.store(out + 2 * D * D + dd_t, acc_z, mask=mask_ij)
+            else:
+                tl.store(bz_ptr + (bht * N_SPLIT + split).to(tl.int64) * D + offs_i, bz, mask=offs_i < D)
 
 
 @triton.jit
@@ -552,7 +601,7 @@ def _phase_c_kernel(
         mask_s = offs_s < s_end
         mask2 = mask_s[:, None] & mask_d[None, :]
         q, qr = _features(
-            q_base, qr_base, offs_s * sqs, offs_s * srs, offs_s, mask_s, offs_d, D, rstd_base, w_ptr + h * D,
+            q_base, qr_base, offs_s * sqs, offs_s * srs, offs_s, mask_s, offs_d, 0, D, rstd_base, w_ptr + h * D,
             cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, 1.0, PROLOGUE, ROPE, True, True, BS, BD,
         )  # fmt: skip
         den = tl.sum(q * z[None, :], axis=1)

@@ -2,7 +2,7 @@
 
 Every buffer the launchers allocate (outputs, carried state, intermediates) is poisoned with NaN first, so an
 element a kernel fails to write shows up as a NaN. Shapes are small and odd: 1..5 frames, tokens per frame not
-a multiple of the token block, 1..3 heads, head dims 8..24 including non-powers of two, batch 1..2.
+a multiple of the token block, 1..3 heads, head dims 8..40 including non-powers of two, batch 1..2.
 
 Tolerances:
 - fp32 inputs: the interpreter runs fp32 products, so the kernels differ from the fp32 reference only by
@@ -16,6 +16,7 @@ Tolerances:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -35,6 +36,9 @@ from tests.conftest import GOLDEN, ROOT  # noqa: E402
 # Small token blocks, so frames span several blocks and phase A splits each frame in two; and the defaults.
 SMALL = tg.GDNTiling(block_a=16, block_c=16, tokens_c=32, split_a=2, merge_a=False, block_v=16)
 DEFAULT = tg.DEFAULT_TILING
+# Phase A with one program per (D/2)^2 block of each frame matrix (merged P / P_z, and separate under SMALL).
+SPLIT_D = dataclasses.replace(DEFAULT, split_d_a=True)
+SPLIT_D_SMALL = dataclasses.replace(SMALL, split_d_a=True)
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +95,9 @@ CASES = [  # B, H, T, S, D, dtype, state, tiling
     (1, 3, 3, 19, 24, torch.float32, True, SMALL),
     (1, 2, 5, 23, 20, torch.bfloat16, True, SMALL),
     (2, 1, 2, 33, 12, torch.bfloat16, False, DEFAULT),
+    (1, 3, 3, 19, 24, torch.float32, True, SPLIT_D_SMALL),
+    (1, 2, 5, 23, 20, torch.bfloat16, True, SPLIT_D),
+    (1, 2, 2, 21, 40, torch.bfloat16, False, SPLIT_D_SMALL),
 ]
 
 
@@ -169,6 +176,8 @@ LAYER_CASES = [  # B, H, T, GH, GW, D, dtype, tiling, rope mode
     (2, 3, 2, 2, 7, 12, torch.bfloat16, DEFAULT, "full"),
     (1, 1, 4, 3, 3, 18, torch.bfloat16, SMALL, "axes"),
     (2, 2, 1, 3, 4, 20, torch.float32, DEFAULT, "none"),
+    (1, 2, 3, 3, 5, 24, torch.bfloat16, SPLIT_D, "full"),
+    (1, 1, 4, 3, 3, 18, torch.float32, SPLIT_D_SMALL, "axes"),
 ]
 
 
