@@ -27,7 +27,10 @@ VARIANTS = {
     "lt_ws_64k_cublas_64k": {"CUBLASLT_WORKSPACE_SIZE": "64", "CUBLAS_WORKSPACE_CONFIG": ":64:1"},
 }
 N, C = 2640, 2240
-SHAPES = {"ffn_up": 13440, "inproj": 8980, "out": 2240}
+# Output widths: FFN up (6C), the GDN layers' fused in-projection (4C + 2H = 9000), the 2240-wide projections.
+# memset_copy_h100.json (2026-12-07) was measured with "inproj" at 8980 columns, not a width of the model: its rows
+# are not 16-byte aligned, so cuBLAS ran an sm80 kernel there (~420 us); the forward's in-projections run nvjet.
+SHAPES = {"ffn_up": 13440, "inproj": 9000, "out": 2240}
 
 
 def gemm_child() -> dict:
