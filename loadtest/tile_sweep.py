@@ -61,13 +61,16 @@ def variants() -> list[tuple[str, tg.GDNTiling | None, tf.DWConvTiling | None]]:
         ("dw pairs", None, R(W, paired_rounding=True)),
         ("dw pairs dot bw16", None, R(W, paired_rounding=True, shift="dot", block_w=16)),
         ("default", None, None),
+        # Phase A in 64 x 64 blocks. Registers per thread from an offline sm_90 compile (triton 3.9, 8 warps):
+        # 205 as is (the default: 255 and a 400-byte spill), 121 with 16-token tiles, 126 with P and P_z in
+        # separate programs: at <= 128 two 8-warp CTAs fit per SM.
         ("gdn a_splitd", R(G, split_d_a=True), None),
-        ("gdn a_splitd w4", R(G, split_d_a=True, warps_a=4), None),
-        ("gdn a_splitd w2", R(G, split_d_a=True, warps_a=2), None),
+        ("gdn a_splitd b16", R(G, split_d_a=True, block_a=16), None),
+        ("gdn a_splitd b16 s2", R(G, split_d_a=True, block_a=16, stages_a=2), None),
         ("default", None, None),
-        ("gdn a_splitd w4 b64", R(G, split_d_a=True, warps_a=4, block_a=64), None),
-        ("gdn a_splitd w4 s2", R(G, split_d_a=True, warps_a=4, stages_a=2), None),
-        ("gdn a_splitd nomerge w4", R(G, split_d_a=True, merge_a=False, warps_a=4), None),
+        ("gdn a_splitd nomerge", R(G, split_d_a=True, merge_a=False), None),
+        ("gdn a_splitd nomerge s2", R(G, split_d_a=True, merge_a=False, stages_a=2), None),
+        ("gdn a_splitd nomerge b16", R(G, split_d_a=True, merge_a=False, block_a=16), None),
         ("default", None, None),
     ]
 
