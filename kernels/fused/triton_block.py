@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.fused.triton_fused import _check_device, _code, _empty, _interpreting, _out, _rnd
+from kernels.pdl import pdl_options, wait_previous
 
 __all__ = ["gated_residual", "gdn_gates", "kv_append", "silu_gate", "tconv_taps"]
 
@@ -51,7 +52,9 @@ def _gated_residual_kernel(
     x_ptr, g_ptr, d_ptr, o_ptr, M, N, C,
     s_xb, s_xn, s_gb, s_db, s_dn,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, R_O: tl.constexpr, INTERP: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     rows, c, b, n, m = _token_tile(M, N, C, ROWS, BLOCK_C)
     x = tl.load(x_ptr + b[:, None] * s_xb + n[:, None] * s_xn + c[None, :], mask=m, other=0.0).to(tl.float32)
     d = tl.load(d_ptr + b[:, None] * s_db + n[:, None] * s_dn + c[None, :], mask=m, other=0.0).to(tl.float32)
@@ -83,6 +86,7 @@ def gated_residual(x: Tensor, gate: Tensor, delta: Tensor) -> Tensor:
         x, g, delta, out, B * N, N, C,
         x.stride(0), x.stride(1), s_gb, delta.stride(0), delta.stride(1),
         ROWS=rows, BLOCK_C=block, R_O=_code(x.dtype), INTERP=_interpreting(), num_warps=4,
+        **pdl_options(),
     )  # fmt: skip
     return out
 
@@ -92,7 +96,9 @@ def _silu_gate_kernel(
     o_ptr, g_ptr, y_ptr, M, N, C, D,
     s_ob, s_on, s_oh, s_gb, s_gn,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, R_O: tl.constexpr, INTERP: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     rows, c, b, n, m = _token_tile(M, N, C, ROWS, BLOCK_C)
     src = o_ptr + b[:, None] * s_ob + n[:, None] * s_on + (c // D * s_oh + c % D)[None, :]
     o = tl.load(src, mask=m, other=0.0).to(tl.float32)
@@ -123,6 +129,7 @@ def silu_gate(out: Tensor, gate: Tensor) -> Tensor:
         out, gate, y, B * N, N, C, D,
         out.stride(0), out.stride(1), out.stride(2), gate.stride(0), gate.stride(1),
         ROWS=rows, BLOCK_C=block, R_O=_code(gate.dtype), INTERP=_interpreting(), num_warps=4,
+        **pdl_options(),
     )  # fmt: skip
     return y
 
@@ -132,7 +139,9 @@ def _tconv_taps_kernel(
     y_ptr, ctx_ptr, o_ptr, T, S, C,
     s_yb, s_yt, s_ys, s_cb, s_cc, s_cs,
     HAS_CTX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, R_O: tl.constexpr, INTERP: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     b = tl.program_id(0)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -176,6 +185,7 @@ def tconv_taps(y: Tensor, ctx: Tensor | None) -> Tensor:
         y, y if ctx is None else ctx, out, T, S, C,
         y.stride(0), y.stride(1), y.stride(2), *cs,
         HAS_CTX=ctx is not None, BLOCK_S=bs, BLOCK_C=bc, R_O=_code(y.dtype), INTERP=_interpreting(), num_warps=4,
+        **pdl_options(),
     )  # fmt: skip
     return out
 
@@ -184,8 +194,10 @@ def tconv_taps(y: Tensor, ctx: Tensor | None) -> Tensor:
 def _gdn_beta_kernel(
     p_ptr, beta_ptr, part_ptr, T, S, H, col, s_pb, s_pn,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, R_O: tl.constexpr, INTERP: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
     """Program (frame, token block): beta of BLOCK_S tokens, and the block's sum of the decay-gate columns."""
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     bt, blk = tl.program_id(0), tl.program_id(1)
     b, t = bt // T, bt % T
     s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -209,8 +221,10 @@ def _log1p(u):
 def _gdn_decay_kernel(
     part_ptr, alog_ptr, dtb_ptr, decay_ptr, T, S, H, NBLK, s_db, s_dh,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, R_O: tl.constexpr, INTERP: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
     """Program (frame): the frame mean from the blocks' sums (in block order), then the decay of every head."""
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     bt = tl.program_id(0)
     b, t = bt // T, bt % T
     i = tl.arange(0, BLOCK_N)
@@ -242,7 +256,7 @@ def gdn_gates(p: Tensor, heads: int, frames: int, a_log: Tensor, dt_bias: Tensor
     block_s, block_h = 32, triton.next_power_of_2(heads)
     nblk = triton.cdiv(S, block_s)
     parts = torch.empty((B * T, nblk, block_h), dtype=torch.float32, device=p.device)
-    common = dict(BLOCK_H=block_h, R_O=_code(p.dtype), INTERP=_interpreting())
+    common = dict(BLOCK_H=block_h, R_O=_code(p.dtype), INTERP=_interpreting(), **pdl_options())
     _gdn_beta_kernel[(B * T, nblk)](
         p, beta, parts, T, S, heads, col, p.stride(0), p.stride(1), BLOCK_S=block_s, num_warps=4, **common
     )  # fmt: skip
@@ -258,7 +272,9 @@ def _kv_append_kernel(
     kb_ptr, vb_ptr, k_ptr, v_ptr, M, N, C, start,
     s_kbb, s_kbn, s_vbb, s_vbn, s_kb, s_kn, s_vb, s_vn,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     rows, c, b, n, m = _token_tile(M, N, C, ROWS, BLOCK_C)
     if tl.program_id(2) == 0:
         x = tl.load(k_ptr + b[:, None] * s_kb + n[:, None] * s_kn + c[None, :], mask=m)
@@ -287,5 +303,5 @@ def kv_append(k_buf: Tensor, v_buf: Tensor, k: Tensor, v: Tensor) -> None:
         k_buf, v_buf, k, v, B * N, N, C, k_buf.shape[1] - N,
         k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        ROWS=rows, BLOCK_C=block, num_warps=4,
+        ROWS=rows, BLOCK_C=block, num_warps=4, **pdl_options(),
     )  # fmt: skip

@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.pdl import pdl_options, wait_previous
+
 __all__ = [
     "DEFAULT_DWCONV",
     "DEFAULT_LN",
@@ -294,11 +296,13 @@ def _dwconv_glu_kernel(
     s_ub, s_un, s_ob, s_on,
     HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr, RH: tl.constexpr,
     RND: tl.constexpr, FAST: tl.constexpr, PAIRS: tl.constexpr, INTERP: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
     """grid (column strips, frames x row chunks, channel blocks). Output row o = p0(o-1) + p1(o) + p2(o+1) with
     p_k(r) the horizontal 3-tap sum of input row r under kernel row k; a0 / a1 carry the partial sums of the
     next two output rows while the program walks down the input rows. Row r + 1 is loaded while row r is
     computed (the raw tiles are carried to the next iteration)."""
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     pid_w = tl.program_id(0)
     pid_f = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -404,10 +408,12 @@ def _ln_modulate_kernel(
     RESID: tl.constexpr, HAS_GATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, TAIL: tl.constexpr,
     R_X: tl.constexpr, R_GD: tl.constexpr, R_S1: tl.constexpr, R_P: tl.constexpr, R_H: tl.constexpr,
     INTERP: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
     """grid (ceil(B N / ROWS),): ROWS tokens of C channels each, held as a BLOCK_C block plus (TAIL > 0) a
     TAIL block after it (C = 2240 -> 2048 + 256, not 4096). [x <- x + gate * delta, stored]; LayerNorm with
     fp32 statistics (two-pass variance in registers); h = ln (1 + scale) + shift, rounded as the reference."""
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rm = rows < R
     b = (rows // N).to(tl.int64)
@@ -480,7 +486,7 @@ def dwconv_glu(
         HAS_BIAS=bias is not None, SHIFT=_SHIFTS[t.shift], BW=t.block_w, BC=t.block_c, RH=t.rows,
         RND=_code(u.dtype), FAST=t.fast_silu and u.dtype != torch.float32, PAIRS=t.paired_rounding,
         INTERP=_interpreting(),
-        num_warps=t.num_warps,
+        num_warps=t.num_warps, **pdl_options(),
     )  # fmt: skip
     return out
 
@@ -543,7 +549,7 @@ def _ln_launch(
         B * N, N, C, float(eps),
         x.stride(0), x.stride(1), *dst, s_gb, s_shb, s_scb, *xost, h.stride(0), h.stride(1),
         RESID=resid, HAS_GATE=gate is not None, ROWS=rows, BLOCK_C=block, TAIL=tail,
-        INTERP=_interpreting(), num_warps=t.num_warps, **codes,
+        INTERP=_interpreting(), num_warps=t.num_warps, **codes, **pdl_options(),
     )  # fmt: skip
     return x_new, h
 

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.fused.triton_fused import _check_device, _code, _empty, _inner, _interpreting, _out, _rnd
+from kernels.pdl import pdl_options, wait_previous
 
 __all__ = ["rms_norm"]
 
@@ -26,8 +27,10 @@ def _rms_norm_kernel(
     s_xb, s_xn, s_ob, s_on, s_cb, s_cn,
     ROPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
     R_Y: tl.constexpr, INTERP: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):  # fmt: skip
     """ROWS tokens per program; a token's C channels as BLOCK_P (even, odd) pairs (RoPE rotates pairs)."""
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     b, n = rows // N, rows % N
     if not ROPE:  # plain RMSNorm: whole rows, contiguous loads (the pair split below reads every other element)
@@ -96,6 +99,6 @@ def rms_norm(
         B * N, N, C, max(head_dim // 2, 1), float(eps),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), s_cb, s_cn,
         ROPE=rope, ROWS=rows, BLOCK_P=triton.next_power_of_2(C // 2),
-        R_Y=_code(x.dtype), INTERP=_interpreting(), num_warps=4,
+        R_Y=_code(x.dtype), INTERP=_interpreting(), num_warps=4, **pdl_options(),
     )  # fmt: skip
     return out

@@ -46,6 +46,7 @@ from kernels.gdn.triton_kernels import (
     _prologue_kernel,
     _rstd_kernel,
 )
+from kernels.pdl import pdl_options
 
 __all__ = [
     "DEFAULT_TILING",
@@ -187,6 +188,7 @@ def _scan_state(
     _phase_b_kernel[(nv + 1, B * H)](
         pa, bz, decay, *decay.stride(), skv, sz, scr, scrz, hs, zs, fkv, fz, H, T, D, split, nv,
         HAS_STATE=has_state, NDIR=ndir, PREC="tf32x3", BD=_block_d(D), BV=bv, num_warps=tiling.warps_b,
+        **pdl_options(),
     )  # fmt: skip
     return hs, zs, fkv, fz
 
@@ -252,7 +254,7 @@ def _run(
         *k.stride()[:4], *k_rot.stride()[:4], *v.stride()[:4], *beta.stride(),
         H, T, S, D, split, s_per_split, *rope_args[2:], k_scale,
         PROLOGUE=fused, ROPE=rope.mode, MERGE=merge, BF16=bf16, EMU=_interpreting(), PREC=prec, BS=bs, BD=bd,
-        BO=bo, num_warps=tiling.warps_a, num_stages=tiling.stages_a,
+        BO=bo, num_warps=tiling.warps_a, num_stages=tiling.stages_a, **pdl_options(),
     )  # fmt: skip
     op_dtype = torch.bfloat16 if bf16 else torch.float32
     hs, zs, fkv, fz = _scan_state(pa, bz, decay, state_kv, state_z, (B, H, T, D), split, ndir, op_dtype, tiling)
@@ -264,7 +266,7 @@ def _run(
         H, T, S, D, tokens_c, *rope_args[2:], eps,
         PROLOGUE=fused, ROPE=rope.mode, GATE=gate is not None, NUM_DEN=den is not None,
         BF16=bf16, EMU=_interpreting(), PREC=prec, BS=tiling.block_c, BD=bd,
-        num_warps=tiling.warps_c, num_stages=tiling.stages_c,
+        num_warps=tiling.warps_c, num_stages=tiling.stages_c, **pdl_options(),
     )  # fmt: skip
     return fkv, fz
 
@@ -364,7 +366,7 @@ def rms_rstd(x: Tensor, eps: float, y: Tensor | None = None) -> Tensor:
     bt, bc = 2, triton.next_power_of_2(C)
     _rstd_kernel[(triton.cdiv(B * N, bt), out.shape[0])](
         x, ys, out, B * N, N, C, x.stride(0), x.stride(1), ys.stride(0), ys.stride(1), eps, BT=bt, BC=bc,
-        num_warps=4 if bc <= 4096 else 8,
+        num_warps=4 if bc <= 4096 else 8, **pdl_options(),
     )  # fmt: skip
     return out if y is not None else out[0]
 
@@ -406,7 +408,7 @@ def qk_prologue(
     cs = rope.args(rstd)
     _prologue_kernel[(triton.cdiv(S, bs), B * heads * T)](
         x, rstd, weight.contiguous(), cs[0], cs[1], y, yr, heads, T, S, D, x.stride(0), x.stride(1), *cs[2:],
-        scale, ROPE=rope.mode, BS=bs, BD=_block_d(D),
+        scale, ROPE=rope.mode, BS=bs, BD=_block_d(D), **pdl_options(),
     )  # fmt: skip
     return y, yr
 

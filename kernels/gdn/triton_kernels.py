@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.pdl import wait_previous
+
 
 @triton.jit
 def _rope(x, c, s, BS: tl.constexpr, BD: tl.constexpr):
@@ -142,11 +144,13 @@ def _rstd_kernel(
     eps,
     BT: tl.constexpr,
     BC: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """rsqrt(mean_c x^2 + eps) for BT rows of x (program_id 1 = 0) or y (= 1); out (2, R) fp32, R = B * N.
 
     BC >= C: each program issues all its loads at once (C = 2240 fits one 4096-wide masked tile).
     """
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     which = tl.program_id(1)
     mask_r = rows < R
@@ -187,8 +191,10 @@ def _prologue_kernel(
     ROPE: tl.constexpr,
     BS: tl.constexpr,
     BD: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Stand-alone prologue: y, y_rot (B, N, C) contiguous from raw x (B, N, C); grid (cdiv(S, BS), B*H*T)."""
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     offs_s = tl.program_id(0) * BS + tl.arange(0, BS)
     bht = tl.program_id(1)
     t = bht % T
@@ -298,6 +304,7 @@ def _phase_a_kernel(
     BS: tl.constexpr,
     BD: tl.constexpr,
     BO: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Per-frame matrices. grid (jobs, B*H*T*N_SPLIT). Each D x D matrix is held as NB x NB blocks of BO x BO
     (NB = BD // BO, 1 or 2) and a job accumulates one block: P and P_z are symmetric, so only the blocks on and
@@ -310,6 +317,7 @@ def _phase_a_kernel(
     P = K_r^T diag(beta) K_r, A = K_r^T diag(beta) V, P_z = K^T diag(beta) K, b_z = K^T beta over this split's
     tokens: pa (B*H*T, N_SPLIT, 3, D, D) fp32 [P, A, P_z] and bz (B*H*T, N_SPLIT, D) fp32.
     """
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     tl.static_assert(BD // BO <= 2)
     NB: tl.constexpr = BD // BO
     NSYM: tl.constexpr = NB * (NB + 1) // 2
@@ -446,6 +454,7 @@ def _phase_b_kernel(
     PREC: tl.constexpr,
     BD: tl.constexpr,
     BV: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Serial scan over frames. grid (NV + 1, B*H); program_id 0 < NV: BV value columns of M^T, = NV: z.
 
@@ -457,6 +466,7 @@ def _phase_b_kernel(
     hs's dtype (the read-out's dot operand) and zs (B*H*T, D) = z_f + z_b (fp32), and the final forward state
     to fkv [value, key] / fz.
     """
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -568,6 +578,7 @@ def _phase_c_kernel(
     PREC: tl.constexpr,
     BS: tl.constexpr,
     BD: tl.constexpr,
+    GDC: tl.constexpr = False,
 ):
     """Read-out. grid (cdiv(S, S_PER_PROG), B*H*T): num = Q_r H, den = Q z with phase B's summed states
     hs (B*H*T, D, D) [key, value] in the dot operand dtype and zs (B*H*T, D) fp32.
@@ -575,6 +586,7 @@ def _phase_c_kernel(
     NUM_DEN: store num to out (B, H, T, S, D strides) and den to den (B*H*T, S) fp32 (gdn_scan); else store
     num / (den + eps), times SiLU(gate) when GATE, in out's dtype.
     """
+    wait_previous(GDC)  # PDL: nothing before this touches global memory (kernels/pdl.py)
     bht = tl.program_id(1)
     t = bht % T
     bh = bht // T
