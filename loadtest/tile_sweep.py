@@ -1,6 +1,6 @@
 """Kernel tilings timed where they run: inside the whole 2B forward (one CUDA-graph replay), not alone.
 
-    python3 loadtest/tile_sweep.py [--json PATH]
+    python3 loadtest/tile_sweep.py [--json PATH] [--match SUBSTRING[,SUBSTRING...]]
 
 The kernel benchmarks (kernels/*/bench_*.py) time one kernel on its own, with the GPU at its idle clocks and
 nothing else in L2; inside the forward the same kernel runs between GEMMs that hold the clocks down and fill L2,
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,14 @@ def variants() -> list[tuple[str, tg.GDNTiling | None, tf.DWConvTiling | None]]:
     ]
 
 
+def env_variants() -> list[tuple[str, tg.GDNTiling | None, tf.DWConvTiling | None, dict]]:
+    """Variants under an environment setting, read per launch (so it holds for the graph captured while set):
+    programmatic dependent launch of every Triton kernel (kernels/pdl.py)."""
+    pdl = {"SANA_STREAM_PDL": "1"}
+    split = dataclasses.replace(tg.DEFAULT_TILING, split_d_a=True, block_a=16)
+    return [("pdl", None, None, pdl), ("pdl a_splitd b16", split, None, pdl), ("default", None, None, {})]
+
+
 def replay_ms(setup: profile_dit.Setup, inputs: dict, pool, gdn=None, dw=None) -> float | str:
     gdn_defaults = tg.fused_gdn_layer.__defaults__
     dw_defaults = dict(tf.dwconv_glu.__kwdefaults__)
@@ -109,7 +118,11 @@ def replay_ms(setup: profile_dit.Setup, inputs: dict, pool, gdn=None, dw=None) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default="/tmp/tile_sweep.json")
-    ap.add_argument("--match", default="", help="only the variants whose name contains this (and the controls)")
+    ap.add_argument(
+        "--match",
+        default="",
+        help="only the variants whose name contains one of these, comma-separated (and the controls)",
+    )
     args = ap.parse_args()
     s = profile_dit.Setup()
     s.chunk_fps(reps=1, chunk_graphs=False)  # captures per-forward graphs; the steady-state one has the longest window
@@ -128,10 +141,19 @@ def main() -> None:
         "defaults": {"gdn": dataclasses.asdict(tg.DEFAULT_TILING), "dwconv": dataclasses.asdict(tf.DEFAULT_DWCONV)},
         "ms_per_forward": {},
     }
-    for name, gdn, dw in variants():
-        if args.match not in name and name != "default":
+    for name, gdn, dw, env in [(*v, {}) for v in variants()] + env_variants():
+        if not any(m in name for m in args.match.split(",")) and name != "default":
             continue
-        ms = replay_ms(s, inputs, pool, gdn, dw)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            ms = replay_ms(s, inputs, pool, gdn, dw)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
         res["ms_per_forward"].setdefault(name, []).append(ms)
         print(f"{name:24s} {ms}", flush=True)
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
