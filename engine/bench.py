@@ -216,6 +216,8 @@ def run_bench(args) -> int:
         "torch": torch.__version__,
         "steps": cfg.steps,
         "tokens_per_frame": h * w,
+        # The settings the figures depend on besides the command (fast path, graphs, kernels, cuBLAS workspace).
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("SANA_STREAM_", "CUBLAS"))},
     }
 
     # DiT: a session brought to steady state (sink + previous chunk cached), then timed chunk by chunk.

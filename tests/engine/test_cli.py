@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -105,3 +106,5 @@ def test_bench_quick_on_cpu_writes_stable_fields(tmp_path):
         v for k, v in data["session_state_bytes"].items() if k != "total"
     )
     assert data["e2e_frames_emitted"] > 0
+    # The run's settings travel with its figures: here the cuBLAS workspace that `import engine` turned off.
+    assert data["env"].get("CUBLASLT_WORKSPACE_SIZE") == os.environ.get("CUBLASLT_WORKSPACE_SIZE", "0")
