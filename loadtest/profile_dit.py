@@ -52,6 +52,18 @@ class Setup:
         gen = torch.Generator(self.dev).manual_seed(3)
         self.src = torch.randn(1, c, 30, h, w, device=self.dev, dtype=dt, generator=gen)
 
+    def profile_chunk(self):
+        """torch.profiler (CUDA + CPU, input shapes) over one steady-state chunk, after the session has run two:
+        with the engine's default runner, as `chunk_fps` leaves it."""
+        st = self.editor.restore(self.blob)
+        with torch.no_grad():
+            self.editor.generate(st, self.src[:, :, :6])
+            _sync(self.dev)
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
+                self.editor.generate(st, self.src[:, :, 6:9])
+                _sync(self.dev)
+        return prof
+
     def chunk_fps(
         self, graphs: bool = True, reps: int = 2, chunk_graphs: bool | None = None
     ) -> tuple[float, torch.Tensor]:

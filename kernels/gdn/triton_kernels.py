@@ -216,6 +216,14 @@ def _prologue_kernel(
 
 
 @triton.jit
+def _beta_tile(beta_base, sbs, s0, s_end, BS: tl.constexpr):
+    """Tokens s0 + arange(BS) of a frame, their mask (< s_end) and their beta in fp32 (0 outside)."""
+    offs_s = s0 + tl.arange(0, BS)
+    mask_s = offs_s < s_end
+    return offs_s, mask_s, tl.load(beta_base + offs_s * sbs, mask=mask_s, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _sym_block(
     k_base, kr_base, beta_base, sks, srs, sbs, s_begin, s_end, offs_i, offs_j, bi, bj, D: tl.constexpr, rstd_base,
     w_base, cos_ptr, sin_ptr, t, T, S, GRID_W: tl.constexpr, GRID_H: tl.constexpr, PT: tl.constexpr,
@@ -229,9 +237,7 @@ def _sym_block(
     acc_z = tl.zeros((BO, BO), tl.float32)
     bz = tl.zeros((BO,), tl.float32)
     for s0 in range(s_begin, s_end, BS):
-        offs_s = s0 + tl.arange(0, BS)
-        mask_s = offs_s < s_end
-        beta = tl.load(beta_base + offs_s * sbs, mask=mask_s, other=0.0).to(tl.float32)
+        offs_s, mask_s, beta = _beta_tile(beta_base, sbs, s0, s_end, BS)
         k_i, kr_i = _features(
             k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_i, bi * BO, D, rstd_base, w_base,
             cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE if DO_P else 0, DO_Z, DO_P,
@@ -351,9 +357,7 @@ def _phase_a_kernel(
     bz = tl.zeros((BO,), tl.float32)
     if which == 1:  # A = K_r^T diag(beta) V
         for s0 in range(s_begin, s_end, BS):
-            offs_s = s0 + tl.arange(0, BS)
-            mask_s = offs_s < s_end
-            beta = tl.load(beta_base + offs_s * sbs, mask=mask_s, other=0.0).to(tl.float32)
+            offs_s, mask_s, beta = _beta_tile(beta_base, sbs, s0, s_end, BS)
             _, kr = _features(
                 k_base, kr_base, offs_s * sks, offs_s * srs, offs_s, mask_s, offs_i, bi * BO, D, rstd_base, w_base,
                 cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, False, True,

@@ -17,7 +17,6 @@ import sys
 
 import torch
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "loadtest")
 import profile_dit as pd  # noqa: E402
@@ -35,13 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     s = pd.Setup()
     fps, _ = s.chunk_fps(reps=1)
-    st = s.editor.restore(s.blob)
-    with torch.no_grad():
-        s.editor.generate(st, s.src[:, :, :6])
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
-            s.editor.generate(st, s.src[:, :, 6:9])
-            torch.cuda.synchronize()
+    prof = s.profile_chunk()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     begin = min(e.time_range.start for e in kernels)
     end = max(e.time_range.end for e in kernels)

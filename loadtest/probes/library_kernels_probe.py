@@ -87,13 +87,7 @@ import profile_dit as pd
 
 s = pd.Setup()
 s.chunk_fps(reps=1)
-st = s.editor.restore(s.blob)
-with torch.no_grad():
-    s.editor.generate(st, s.src[:, :, :6])
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
-        s.editor.generate(st, s.src[:, :, 6:9])
-        torch.cuda.synchronize()
+prof = s.profile_chunk()
 rows = []
 for e in prof.key_averages(group_by_input_shape=True):
     dt = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
