@@ -229,10 +229,11 @@ def _sym_block(
     w_base, cos_ptr, sin_ptr, t, T, S, GRID_W: tl.constexpr, GRID_H: tl.constexpr, PT: tl.constexpr,
     PTH: tl.constexpr, scale, PROLOGUE: tl.constexpr, ROPE: tl.constexpr, BF16: tl.constexpr, EMU: tl.constexpr,
     PREC: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr, DO_P: tl.constexpr, DO_Z: tl.constexpr,
+    ONE: tl.constexpr,
 ):  # fmt: skip
     """Block (bi, bj) of P = K_r^T diag(beta) K_r (DO_P) and of P_z = K^T diag(beta) K with b_z = K^T beta over
     block column bi (DO_Z), over tokens [s_begin, s_end): each token tile's features are built once per block
-    column (once when bi == bj)."""
+    column (once when bi == bj; ONE: the matrix is one block, bi = bj = 0)."""
     acc = tl.zeros((BO, BO), tl.float32)
     acc_z = tl.zeros((BO, BO), tl.float32)
     bz = tl.zeros((BO,), tl.float32)
@@ -243,7 +244,10 @@ def _sym_block(
             cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE if DO_P else 0, DO_Z, DO_P,
             BS, BO,
         )  # fmt: skip
-        if bi == bj:
+        # Separate branches: `ONE or bi == bj` would compile the runtime test, and with it the else branch.
+        if ONE:  # noqa: SIM114 - bi == bj == 0 at compile time
+            k_j, kr_j = k_i, kr_i
+        elif bi == bj:
             k_j, kr_j = k_i, kr_i
         else:
             k_j, kr_j = _features(
@@ -328,11 +332,16 @@ def _phase_a_kernel(
     NB: tl.constexpr = BD // BO
     NSYM: tl.constexpr = NB * (NB + 1) // 2
     job = tl.program_id(0)
-    which = (job >= NSYM).to(tl.int32) + (job >= NSYM + NB * NB).to(tl.int32)  # 0 = P (+ P_z), 1 = A, 2 = P_z
-    p = job - (which >= 1).to(tl.int32) * NSYM - (which == 2).to(tl.int32) * (NB * NB)
-    # The block (i, j): A's p-th in row-major order; P's p-th of (0, 0), (0, 1), (1, 1) (NB <= 2).
-    bi = tl.where(which == 1, p // NB, p // 2)
-    bj = tl.where(which == 1, p % NB, (p + 1) // 2)
+    if NB == 1:  # one block, (0, 0) at compile time: no code for the mirrored blocks
+        which = job
+        bi = 0
+        bj = 0
+    else:
+        which = (job >= NSYM).to(tl.int32) + (job >= NSYM + NB * NB).to(tl.int32)  # 0 = P (+ P_z), 1 = A, 2 = P_z
+        p = job - (which >= 1).to(tl.int32) * NSYM - (which == 2).to(tl.int32) * (NB * NB)
+        # The block (i, j): A's p-th in row-major order; P's p-th of (0, 0), (0, 1), (1, 1).
+        bi = tl.where(which == 1, p // NB, p // 2)
+        bj = tl.where(which == 1, p % NB, (p + 1) // 2)
     pid = tl.program_id(1)
     split = pid % N_SPLIT
     bht = pid // N_SPLIT
@@ -372,19 +381,19 @@ def _phase_a_kernel(
             acc, acc_z, bz = _sym_block(
                 k_base, kr_base, beta_base, sks, srs, sbs, s_begin, s_end, offs_i, offs_j, bi, bj, D, rstd_base,
                 w_base, cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, BF16, EMU, PREC,
-                BS, BO, True, True,
+                BS, BO, True, True, NB == 1,
             )  # fmt: skip
         elif which == 0:
             acc, acc_z, bz = _sym_block(
                 k_base, kr_base, beta_base, sks, srs, sbs, s_begin, s_end, offs_i, offs_j, bi, bj, D, rstd_base,
                 w_base, cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, BF16, EMU, PREC,
-                BS, BO, True, False,
+                BS, BO, True, False, NB == 1,
             )  # fmt: skip
         else:
             acc, acc_z, bz = _sym_block(
                 k_base, kr_base, beta_base, sks, srs, sbs, s_begin, s_end, offs_i, offs_j, bi, bj, D, rstd_base,
                 w_base, cos_ptr, sin_ptr, t, T, S, GRID_W, GRID_H, PT, PTH, scale, PROLOGUE, ROPE, BF16, EMU, PREC,
-                BS, BO, False, True,
+                BS, BO, False, True, NB == 1,
             )  # fmt: skip
     z_job = which == 2
     if MERGE:
