@@ -63,8 +63,8 @@ def variants() -> list[tuple[str, tg.GDNTiling | None, tf.DWConvTiling | None]]:
         ("dw pairs dot bw16", None, R(W, paired_rounding=True, shift="dot", block_w=16)),
         ("default", None, None),
         # Phase A in 64 x 64 blocks. Registers per thread from an offline sm_90 compile (triton 3.9, 8 warps):
-        # 205 as is (the default: 255 and a 400-byte spill), 121 with 16-token tiles, 126 with P and P_z in
-        # separate programs: at <= 128 two 8-warp CTAs fit per SM.
+        # 205 as is (the default: 251), 121 with 16-token tiles, 126 with P and P_z in separate programs: at
+        # <= 128 two 8-warp CTAs fit per SM.
         ("gdn a_splitd", R(G, split_d_a=True), None),
         ("gdn a_splitd b16", R(G, split_d_a=True, block_a=16), None),
         ("gdn a_splitd b16 s2", R(G, split_d_a=True, block_a=16, stages_a=2), None),
