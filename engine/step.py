@@ -2,7 +2,9 @@
 
 One chunk of one session = `steps` denoising forwards that read the session's cache, then (unless it is the last
 chunk) one t = 0 forward on the clean result that writes it (`efficient_cache`: the last denoising step writes
-instead). `ChunkRunner.run(jobs)` does that for many sessions at once:
+instead). That refresh computes only what the cache keeps (`forward_step(cache_only=True)`: no velocity, and the
+last block's output for the last frame alone, whose FFN context is all the cache takes from there;
+SANA_STREAM_PRUNED_REFRESH=0 runs it whole). `ChunkRunner.run(jobs)` does that for many sessions at once:
 
 - **Batching.** Jobs whose forwards have the same shapes (chunk frames, latent grid, softmax window length,
   history present or not, CFG or not, schedule) share every forward: their latents, sources, texts, per-sample
@@ -238,10 +240,11 @@ live in fixed buffers that each replay overwrites, inputs are read from the stat
 class _Graph:
     """One captured `forward_step` over `StaticInputs`."""
 
-    def __init__(self, model: SanaStreamingDiT, inputs: dict, pool) -> None:
+    def __init__(self, model: SanaStreamingDiT, inputs: dict, pool, cache_only: bool = False) -> None:
         self.static = StaticInputs(inputs)
         self._chunk_token: object | None = None
-        self.replay, (self.v, self.writes, _) = _capture(lambda: model.forward_step(**self.static.inputs), pool)
+        step = lambda: model.forward_step(**self.static.inputs, cache_only=cache_only)  # noqa: E731
+        self.replay, (self.v, self.writes, _) = _capture(step, pool)
 
     @property
     def inputs(self) -> dict:
@@ -275,8 +278,8 @@ class _ChunkGraph:
         m, st = runner.model, self.static.inputs
         fixed = {k: st[k] for k in ("source", "text", "text_ctx", "text_mask", "rope", "reads")}
 
-        def forward(x: Tensor, t: Tensor) -> tuple[Tensor, list[LayerWrite]]:
-            v, writes, _ = m.forward_step(x=x, timestep=t, **fixed)
+        def forward(x: Tensor, t: Tensor, cache_only: bool = False) -> tuple[Tensor | None, list[LayerWrite]]:
+            v, writes, _ = m.forward_step(x=x, timestep=t, cache_only=cache_only, **fixed)
             return v, writes
 
         def chunk() -> tuple[list[Tensor], list[LayerWrite] | None]:
@@ -340,6 +343,13 @@ def cuda_graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("SANA_STREAM_CUDA_GRAPHS", "1") != "0"
 
 
+def pruned_refresh_enabled() -> bool:
+    """The t = 0 refresh computes only what the cache keeps (`forward_step(cache_only=True)`: no velocity, the
+    last block for the last frame alone) unless SANA_STREAM_PRUNED_REFRESH=0 (then it runs the full forward and
+    drops the velocity, as the release does)."""
+    return os.environ.get("SANA_STREAM_PRUNED_REFRESH", "1") != "0"
+
+
 def chunk_graphs_enabled() -> bool:
     """Where graphs are on: one graph per whole chunk unless SANA_STREAM_CHUNK_GRAPHS=0 (then one per forward)."""
     return os.environ.get("SANA_STREAM_CHUNK_GRAPHS", "1") != "0"
@@ -364,14 +374,17 @@ class ChunkRunner:
         cuda_graphs: bool | None = None,
         max_batch: int = 8,
         chunk_graphs: bool | None = None,
+        pruned_refresh: bool | None = None,
     ) -> None:
         """cuda_graphs: None = on for CUDA (`cuda_graphs_enabled`); chunk_graphs: with graphs on, one graph per
-        whole chunk (None = `chunk_graphs_enabled`) or one per forward."""
+        whole chunk (None = `chunk_graphs_enabled`) or one per forward; pruned_refresh: None =
+        `pruned_refresh_enabled`."""
         self.model = model
         self.device = model.x_embedder.proj.weight.device
         self.cuda_graphs = cuda_graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs
         self.chunk_graphs = self.cuda_graphs and (chunk_graphs_enabled() if chunk_graphs is None else chunk_graphs)
         self.max_batch = max_batch
+        self.pruned_refresh = pruned_refresh_enabled() if pruned_refresh is None else pruned_refresh
         self._graphs: dict[tuple, _Graph] = {}
         self._chunk_graphs: dict[tuple, _ChunkGraph] = {}
         self._pool = _graph_pool() if self.cuda_graphs else None
@@ -396,16 +409,23 @@ class ChunkRunner:
         return [job.result for job in jobs]  # type: ignore[misc]
 
     def _forward(
-        self, sig: tuple, inputs: dict, chunk_token: object, jobs: list[ChunkJob], starts: list[int]
-    ) -> tuple[Tensor, list[LayerWrite]]:
+        self,
+        sig: tuple,
+        inputs: dict,
+        chunk_token: object,
+        jobs: list[ChunkJob],
+        starts: list[int],
+        cache_only: bool = False,
+    ) -> tuple[Tensor | None, list[LayerWrite]]:
         m = self.model
         if not self.cuda_graphs:  # the reads were built once for the chunk (`_run_group`)
-            v, writes, _ = m.forward_step(**inputs)
+            v, writes, _ = m.forward_step(**inputs, cache_only=cache_only)
             return v, writes
-        key = (*sig, inputs["x"].shape[0], inputs["text_mask"] is None)
+        key = (*sig, inputs["x"].shape[0], inputs["text_mask"] is None, cache_only)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = _Graph(m, dict(inputs, reads=_cat_reads([j.reads(m) for j in jobs])), self._pool)
+            reads = _cat_reads([j.reads(m) for j in jobs])
+            graph = _Graph(m, dict(inputs, reads=reads), self._pool, cache_only)
             self._graphs[key] = graph
         return graph(inputs, chunk_token, [(j.sources(m), s, j.branches) for j, s in zip(jobs, starts)])
 
@@ -464,8 +484,8 @@ class ChunkRunner:
                 inputs["reads"] = _cat_reads([j.reads(m) for j in jobs])
             chunk_token = object()  # every forward below shares the per-chunk inputs
 
-            def forward(x: Tensor, t: Tensor) -> tuple[Tensor, list[LayerWrite]]:
-                return self._forward(sig, dict(inputs, x=x, timestep=t), chunk_token, jobs, starts)
+            def forward(x: Tensor, t: Tensor, cache_only: bool = False) -> tuple[Tensor | None, list[LayerWrite]]:
+                return self._forward(sig, dict(inputs, x=x, timestep=t), chunk_token, jobs, starts, cache_only)
 
             xs, writes = self._denoise(plans, efficient, is_last, xs, forward)
         if writes is not None:
@@ -483,14 +503,17 @@ class ChunkRunner:
         `steps` denoising forwards with CFG and Euler updates, then the t = 0 refresh unless the last step saves
         (efficient_cache) or nothing will read the cache (the last chunk).
 
-        xs: each job's (1, C, T, h, w) fp32 noise; forward(x, timestep) -> (velocity, writes) for the batch.
-        Returns each job's fp32 latents and the writes to store (None: store nothing)."""
+        xs: each job's (1, C, T, h, w) fp32 noise; forward(x, timestep, cache_only=False) -> (velocity, writes)
+        for the batch (cache_only: the writes alone, velocity None; the refresh's, unless `pruned_refresh_enabled`
+        is off). Returns each job's fp32 latents and the writes to store (None: store nothing)."""
         dtype, device = self.model.dtype, self.device
         n = len(plans[0].schedule)
 
+        def batch(latents: list[Tensor]) -> Tensor:
+            return torch.cat([_per_branch(x.to(dtype), p.branches) for x, p in zip(latents, plans)])
+
         def velocities(latents: list[Tensor], t: list[Tensor]) -> tuple[list[Tensor], list[LayerWrite]]:
-            x = torch.cat([_per_branch(x.to(dtype), p.branches) for x, p in zip(latents, plans)])
-            v, writes = forward(x, torch.cat(t).float())
+            v, writes = forward(batch(latents), torch.cat(t).float())
             vs, start = [], 0
             for p in plans:
                 vj = v[start : start + p.branches]
@@ -505,7 +528,11 @@ class ChunkRunner:
                 saved = writes
             xs = [p.schedule.step(v, i, x) for p, v, x in zip(plans, vs, xs)]
         if not efficient and not is_last:
-            _, saved = velocities(xs, [torch.zeros(p.branches, device=device) for p in plans])
+            zeros = [torch.zeros(p.branches, device=device) for p in plans]
+            if self.pruned_refresh:
+                _, saved = forward(batch(xs), torch.cat(zeros), cache_only=True)
+            else:
+                _, saved = velocities(xs, zeros)
         return xs, saved
 
     @staticmethod

@@ -71,13 +71,15 @@ class SoftmaxAttention(nn.Module):
         past_kv: tuple[Tensor, Tensor] | None = None,
         rope_cs: tuple[Tensor, Tensor] | None = None,
         kv_tail: int = 0,
+        queries: int | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x (B, N, C); rope (N, D/2) for the current tokens' absolute positions; past_kv: window keys (post-RoPE)
         and values, each (B, M, heads, D); rope_cs: rope's fp32 (cos, sin) for the fused norm + RoPE kernel;
         kv_tail: past_kv's last kv_tail (= N) rows are free: the current keys/values are written there in place
-        and attention reads the buffers as they are (no concatenation per call).
+        and attention reads the buffers as they are (no concatenation per call); queries: only the output of the
+        last `queries` tokens is wanted (every token's key and value still is): the others are not attended.
 
-        Returns (out (B, N, C), (k, v) of the current tokens, (B, N, heads, D), for the cache)."""
+        Returns (out (B, N or queries, C), (k, v) of the current tokens, (B, N, heads, D), for the cache)."""
         B, N, C = x.shape
         shape = (B, N, self.heads, self.head_dim)
         if self.fused_in_w is not None:
@@ -113,10 +115,12 @@ class SoftmaxAttention(nn.Module):
         elif past_kv is not None:
             k_all = torch.cat([past_kv[0].to(k.dtype), k], dim=1)
             v_all = torch.cat([past_kv[1].to(v.dtype), v], dim=1)
+        if queries is not None:
+            q, gate = q[:, N - queries :], gate[:, N - queries :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
         if fast is not None:  # (B, N, heads, D) view of the output straight into the gate product
             return self.proj(fast.silu_gate(out.transpose(1, 2), gate)), (k, v)
-        out = out.transpose(1, 2).reshape(B, N, C).to(x.dtype)
+        out = out.transpose(1, 2).reshape(B, q.shape[1], C).to(x.dtype)
         out = out * F.silu(gate.float()).to(x.dtype)
         return self.proj(out), (k, v)
 

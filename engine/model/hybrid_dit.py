@@ -80,15 +80,19 @@ class HybridBlock(nn.Module):
         rope_cs: tuple[Tensor, Tensor] | None = None,
         residual: tuple[Tensor, Tensor] | None = None,
         defer: bool = False,
+        cache_only: bool = False,
     ) -> tuple[Tensor, LayerWrite, Tensor, tuple[Tensor, Tensor] | None]:
         """y: the projected text, or None with its cross-attention keys/values in text_kv; text_bias: the
         cross-attention mask (`attention.text_bias`), None without padding. rope_cs: the fp32
         (cos, sin) tables of rope for the fused kernels, when the model built them for all layers.
         residual: the previous block's deferred FFN residual (delta, gate): this block's input is x + gate * delta,
         computed together with its first LayerNorm. defer: return this block's FFN residual that way instead of
-        applying it (then x is returned without it).
+        applying it (then x is returned without it). cache_only: nothing will read this block's output, only what
+        it writes (the last block of the t = 0 refresh): its keys/values or GDN state from every token, and the
+        FFN context of the last frame, which needs the rest of the block for that frame's tokens alone.
         Returns (x, what the cache may keep, self-attention output before gate1 (for inspection), the deferred
-        residual or None)."""
+        residual or None); with cache_only x and the self-attention output hold the last frame's tokens only and
+        the FFN is not applied."""
         B, N, C = x.shape
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t0.reshape(B, 6, C)).chunk(
             6, dim=1
@@ -103,10 +107,16 @@ class HybridBlock(nn.Module):
                 x = x + residual[1] * residual[0]
             h = modulate(layer_norm(x, self.eps), shift1, scale1)
         write = LayerWrite()
+        S = hw[1] * hw[2]
         if self.is_softmax:
-            attn_out, write.kv = self.attn(h, rope, read.past_kv, rope_cs, read.kv_tail)
+            queries = S if cache_only else None
+            attn_out, write.kv = self.attn(h, rope, read.past_kv, rope_cs, read.kv_tail, queries)
         else:
             attn_out, write.gdn_state = self.attn(h, hw, rope if rope_cs is None else rope_cs, read.gdn_state)
+            if cache_only:  # the scan needs every token; the output only the last frame's
+                attn_out = attn_out[:, N - S :]
+        if cache_only:
+            x = x[:, N - S :]
         # Gated residuals: one kernel on the fast path (rounding once; the reference rounds gate * out too).
         x = fast.gated_residual(x, gate1, attn_out) if fast is not None else x + gate1 * attn_out
         cross = self.cross_attn(x, y, None, text_kv, bias=text_bias)
@@ -115,6 +125,9 @@ class HybridBlock(nn.Module):
         else:
             x = x + cross
             h = modulate(layer_norm(x, self.eps), shift2, scale2)
+        if cache_only:
+            write.ffn_last = self.mlp.last_frame(h, hw[1:])
+            return x, write, attn_out, None
         ffn_out, write.ffn_last = self.mlp(h, hw, read.ffn_ctx)
         if defer:
             return x, write, attn_out, (ffn_out, gate2)
@@ -263,7 +276,8 @@ class SanaStreamingDiT(nn.Module):
         save_cache: bool = False,
         start_frame: int | None = None,
         return_intermediates: bool = False,
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        cache_only: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]] | None:
         """Flow velocity for one chunk (streaming) or one whole clip (bidirectional).
 
         Args:
@@ -273,9 +287,13 @@ class SanaStreamingDiT(nn.Module):
             cache: the session's streaming cache (read always, written when save_cache).  None = no history.
             start_frame: absolute frame of x's first frame for RoPE; default cache.next_frame (or 0).
             return_intermediates: also return a dict of inspection tensors (tests).
+            cache_only: with save_cache, only update the cache (the t = 0 refresh, `forward_step(cache_only=True)`):
+                returns None.
 
         Returns: velocity (B, in_channels, T, H, W) in the model dtype.
         """
+        if cache_only and (cache is None or not save_cache or return_intermediates):
+            raise ValueError("cache_only needs a cache and save_cache=True, and returns no intermediates")
         _, _, T, H, W = x.shape
         if start_frame is None:
             start_frame = cache.next_frame if cache is not None else 0
@@ -283,7 +301,9 @@ class SanaStreamingDiT(nn.Module):
         # Without autograd the window buffers get room for this chunk's keys/values (no concatenation per layer).
         tail = 0 if torch.is_grad_enabled() else T * H * W
         reads = [cache.read(b.index, tail) for b in self.blocks] if cache is not None else None
-        v, writes, mids = self.forward_step(x, source, timestep, text, text_mask, rope, reads, return_intermediates)
+        v, writes, mids = self.forward_step(
+            x, source, timestep, text, text_mask, rope, reads, return_intermediates, cache_only=cache_only
+        )
         if cache is not None and save_cache:
             cache.write(writes, T)
         return (v, mids) if return_intermediates else v
@@ -299,7 +319,8 @@ class SanaStreamingDiT(nn.Module):
         reads: list[LayerRead] | None = None,
         return_intermediates: bool = False,
         text_ctx: list[tuple[Tensor, Tensor]] | None = None,
-    ) -> tuple[Tensor, list[LayerWrite], dict[str, Tensor]]:
+        cache_only: bool = False,
+    ) -> tuple[Tensor | None, list[LayerWrite], dict[str, Tensor]]:
         """The pure part of `forward`: no cache bookkeeping and no host-side decisions, so it can be captured in a
         CUDA graph and batched across sessions.
 
@@ -308,6 +329,9 @@ class SanaStreamingDiT(nn.Module):
             reads: per block, what it reads from its session's history (batched along B); None = no history.
             text_ctx: `text_context(text)` computed beforehand (then text may be None).
             text_mask may be None: no padding in any sample's text (the cross-attention runs unmasked).
+            cache_only: only the cache writes are wanted (the t = 0 refresh): the velocity is not computed (None)
+                and the last block runs its self-attention output, cross-attention and FFN for the last frame
+                alone (`HybridBlock.forward`); the writes are those of the full forward.
 
         Returns: (velocity, per-block writes for the cache, intermediates (empty unless asked)).
         """
@@ -334,14 +358,17 @@ class SanaStreamingDiT(nn.Module):
         # On the fused path each block's FFN residual is applied by the next block, with its first LayerNorm.
         defer = fast_ops.ops(x.device) is not None and not return_intermediates
         pending = None
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             read = reads[block.index] if reads is not None else LayerRead()
             kv = text_ctx[block.index] if text_ctx is not None else None
-            h, write, attn_out, pending = block(h, y, bias, t0, hw, rope, read, kv, rope_cs, pending, defer)
+            last = cache_only and i == len(self.blocks) - 1
+            h, write, attn_out, pending = block(h, y, bias, t0, hw, rope, read, kv, rope_cs, pending, defer, last)
             writes.append(write)
             if return_intermediates:
                 mids[f"block{block.index}.self_attn_out"] = attn_out
                 mids[f"block{block.index}.out"] = h
+        if cache_only:
+            return None, writes, mids
         if pending is not None:
             h = fast_ops.ops(x.device).gated_residual(h, pending[1], pending[0])
         out = self.final_layer(h, t_emb)  # (B, N, Cout)

@@ -229,6 +229,12 @@ class GLUMBConvTemp(nn.Module):
         y = F.linear(y, self.point_conv.conv.weight.flatten(1))
         return y.reshape(B, T, H * W, C)
 
+    def last_frame(self, x: Tensor, hw: tuple[int, int]) -> Tensor:
+        """What `forward` returns second, alone: the spatial output of one frame x (B, S, C), as (B, C, 1, S).
+        The spatial part works frame by frame, so the chunk's last frame needs only its own tokens (the t = 0
+        refresh's last block: nothing reads that block's output, only this context)."""
+        return self.spatial(x, (1, *hw)).permute(0, 3, 1, 2)
+
     def forward(self, x: Tensor, hw: tuple[int, int, int], ctx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x (B, N, C); ctx (B, C, 1, S) or None. Returns (out (B, N, C), last spatial frame (B, C, 1, S)).
 

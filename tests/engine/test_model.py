@@ -229,3 +229,46 @@ def test_fused_projections_compute_the_same_function(streaming):
     assert not model.projections_fused
     model.eval().fuse_projections().init_weights(2)
     assert not model.projections_fused
+
+
+@pytest.mark.parametrize(
+    "streaming,softmax_layers", [(True, (1, 3)), (False, (1, 3)), (True, (1, 2))], ids=["ar", "bidi", "gdn_last"]
+)
+def test_cache_only_forward_writes_what_the_full_forward_writes(streaming, softmax_layers):
+    """`forward_step(cache_only=True)` (the t = 0 refresh: no velocity, the last block's output for the last frame
+    alone) writes exactly what the full forward writes: every block's keys/values or GDN state and its FFN context,
+    over chunks that read what the previous one wrote; with a softmax or a GDN block last."""
+    import dataclasses
+
+    cfg = dataclasses.replace(get_preset("tiny").dit, streaming=streaming, depth=4, softmax_layers=softmax_layers)
+    model = SanaStreamingDiT(cfg).init_weights(2).eval().double()
+    g = torch.Generator().manual_seed(1)
+    T, H, W = 3, 4, 6
+    x = torch.randn(2, cfg.in_channels, T, H, W, generator=g, dtype=torch.float64)
+    src = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    text = torch.randn(2, cfg.text_len, cfg.caption_channels, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, cfg.text_len)
+    mask[1, 30:] = 0
+    t = torch.zeros(2)
+    cache = model.new_cache()
+    with torch.no_grad():
+        for _ in range(3):
+            rope = model.rope.table(cache.next_frame, T, H, W, x.device)
+
+            # Fresh reads for each call: a read's window buffers take the chunk's own keys in their tail rows.
+            def reads():
+                return [cache.read(i, T * H * W) for i in range(4)]
+
+            full_v, full, _ = model.forward_step(x, src, t, text, mask, rope, reads())
+            none, pruned, _ = model.forward_step(x, src, t, text, mask, rope, reads(), cache_only=True)
+            assert none is None and full_v.shape == x.shape
+            for i, (a, b) in enumerate(zip(full, pruned, strict=True)):
+                assert (a.kv is None) == (b.kv is None) == (i not in softmax_layers)
+                assert (a.gdn_state is None) == (b.gdn_state is None) == (i in softmax_layers)
+                assert b.ffn_last.shape == a.ffn_last.shape == (2, cfg.hidden_size, 1, H * W)
+                torch.testing.assert_close(b.kv, a.kv, atol=1e-12, rtol=1e-12)
+                torch.testing.assert_close(b.gdn_state, a.gdn_state, atol=1e-12, rtol=1e-12)
+                torch.testing.assert_close(b.ffn_last, a.ffn_last, atol=1e-12, rtol=1e-12)
+            cache.write(pruned, T)
+    with pytest.raises(ValueError, match="cache_only needs a cache and save_cache=True"):
+        model(x, src, t, text, mask, cache=cache, cache_only=True)

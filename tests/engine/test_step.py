@@ -159,6 +159,27 @@ def _copy_into(dst, src) -> None:
         assert dst is None and src is None, (dst, src)
 
 
+def test_pruned_refresh_streams_what_the_full_refresh_streams(editor):
+    """The t = 0 refresh computing only what the cache keeps (the default: no velocity, the last block for the last
+    frame alone) streams the same video as the full forward it replaces (SANA_STREAM_PRUNED_REFRESH=0), with and
+    without CFG, chunk after chunk (each chunk reads the caches the previous refresh wrote)."""
+    specs = [("make the red circle blue", 1, 1.0), ("convert to grayscale", 2, 3.0)]
+    sources = [_sources(11, 40 + i) for i in range(2)]
+    saved = editor.runner
+    outs = {}
+    try:
+        for pruned in (False, True):
+            editor.runner = ChunkRunner(editor.engine.dit, cuda_graphs=False, pruned_refresh=pruned)
+            states = [editor.open(_settings(p, s, cfg_scale=c)) for p, s, c in specs]
+            outs[pruned] = [editor.generate(st, src, final=True) for st, src in zip(states, sources)]
+    finally:
+        editor.runner = saved
+    for full, pruned in zip(outs[False], outs[True], strict=True):
+        assert full.shape == pruned.shape == (1, LAT, 11, 4, 6)
+        # fp32: the last block's GEMMs over one frame's rows instead of the chunk's (measured max ~1e-6 on ~1)
+        torch.testing.assert_close(pruned, full, atol=2e-5, rtol=1e-5)
+
+
 @pytest.fixture
 def replaying_capture(monkeypatch):
     """engine.step's capture replaced by one with the same contract on the CPU: the captured function reads only
@@ -214,8 +235,10 @@ def test_graph_paths_equal_the_eager_path(editor, replaying_capture, chunk_graph
     for e, g in zip(eager, graphed, strict=True):
         assert e.shape == g.shape
         assert torch.equal(g, e)
-    # Chunks 0, 1, steady, last (2 frames), for each of branches 1 / 2: 8 signatures, each captured once.
-    assert runner.num_graphs == replaying_capture["captures"] == 8
+    # Chunks 0, 1, steady, last (2 frames), for each of branches 1 / 2: 8 signatures, each captured once; with one
+    # graph per forward the t = 0 refresh of the first three (the last chunk has none) is one more each (cache_only).
+    expected = 8 if chunk_graphs else 8 + 6
+    assert runner.num_graphs == replaying_capture["captures"] == expected
     forwards_per_chunk = 1 if chunk_graphs else SessionSettings(prompt="").steps + 1
     assert replaying_capture["replays"] > 3 * forwards_per_chunk * 3
 
