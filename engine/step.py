@@ -161,6 +161,8 @@ class StaticInputs:
         """static slot -> (the tensor last copied there, its version then)."""
         self._layouts: dict[tuple[int, int], tuple[int, ...]] = {}
         """(block, first batch row) -> rows of each window part last loaded there."""
+        self.chunk_token: object | None = None
+        """The token of the chunk whose inputs the buffers hold (`_Graph`: one per group of forwards)."""
 
     def load_chunk(self, inputs: dict, sources: list[tuple[list[LayerSource], int, int]]) -> None:
         """inputs: everything but x, timestep and the cache reads; sources: (per-block cache entries, first
@@ -238,12 +240,12 @@ live in fixed buffers that each replay overwrites, inputs are read from the stat
 
 
 class _Graph:
-    """One captured `forward_step` over `StaticInputs`."""
+    """One captured `forward_step` over `StaticInputs`, which the refresh's graph (cache_only) shares with the
+    denoising forwards' graph of the same signature: the chunk's inputs are loaded once for both."""
 
-    def __init__(self, model: SanaStreamingDiT, inputs: dict, pool, cache_only: bool = False) -> None:
-        self.static = StaticInputs(inputs)
-        self._chunk_token: object | None = None
-        step = lambda: model.forward_step(**self.static.inputs, cache_only=cache_only)  # noqa: E731
+    def __init__(self, model: SanaStreamingDiT, static: StaticInputs, pool, cache_only: bool = False) -> None:
+        self.static = static
+        step = lambda: model.forward_step(**static.inputs, cache_only=cache_only)  # noqa: E731
         self.replay, (self.v, self.writes, _) = _capture(step, pool)
 
     @property
@@ -256,9 +258,9 @@ class _Graph:
         """Replay on `inputs` and the jobs' cache entries (`StaticInputs.load_chunk`); the per-chunk inputs are
         loaded only when `chunk_token` differs from the last call's (the runner passes one fresh token per group
         of forwards that share them)."""
-        if chunk_token is not self._chunk_token:
+        if chunk_token is not self.static.chunk_token:
             self.static.load_chunk(inputs, sources)
-            self._chunk_token = chunk_token
+            self.static.chunk_token = chunk_token
         self.static.load_forward(inputs)
         self.replay()
         return self.v, self.writes
@@ -386,6 +388,8 @@ class ChunkRunner:
         self.max_batch = max_batch
         self.pruned_refresh = pruned_refresh_enabled() if pruned_refresh is None else pruned_refresh
         self._graphs: dict[tuple, _Graph] = {}
+        self._statics: dict[tuple, StaticInputs] = {}
+        """Static buffers of the per-forward graphs, per signature (the denoising and the refresh graph share them)."""
         self._chunk_graphs: dict[tuple, _ChunkGraph] = {}
         self._pool = _graph_pool() if self.cuda_graphs else None
         if fused_enabled(self.device) and not model.training and not model.projections_fused:
@@ -421,12 +425,13 @@ class ChunkRunner:
         if not self.cuda_graphs:  # the reads were built once for the chunk (`_run_group`)
             v, writes, _ = m.forward_step(**inputs, cache_only=cache_only)
             return v, writes
-        key = (*sig, inputs["x"].shape[0], inputs["text_mask"] is None, cache_only)
-        graph = self._graphs.get(key)
+        key = (*sig, inputs["x"].shape[0], inputs["text_mask"] is None)
+        graph = self._graphs.get((*key, cache_only))
         if graph is None:
-            reads = _cat_reads([j.reads(m) for j in jobs])
-            graph = _Graph(m, dict(inputs, reads=reads), self._pool, cache_only)
-            self._graphs[key] = graph
+            static = self._statics.get(key)
+            if static is None:
+                static = self._statics[key] = StaticInputs(dict(inputs, reads=_cat_reads([j.reads(m) for j in jobs])))
+            graph = self._graphs[(*key, cache_only)] = _Graph(m, static, self._pool, cache_only)
         return graph(inputs, chunk_token, [(j.sources(m), s, j.branches) for j, s in zip(jobs, starts)])
 
     def _text_context(self, jobs: list[ChunkJob]) -> tuple[list[tuple[Tensor, Tensor]], bool]:

@@ -93,7 +93,7 @@ def replay_ms(setup: profile_dit.Setup, inputs: dict, pool, gdn=None, dw=None) -
         tf.dwconv_glu.__kwdefaults__ = {"tiling": dw}
     try:
         with torch.no_grad():
-            graph = step_mod._Graph(setup.dit, inputs, pool)
+            graph = step_mod._Graph(setup.dit, step_mod.StaticInputs(inputs), pool)
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()
