@@ -7,11 +7,13 @@
 #
 #   OUTDIR/tile_sweep.json     loadtest/tile_sweep.py --match SWEEP_MATCH (only when SWEEP_MATCH is given)
 #   OUTDIR/bench_run{1..}.json sana-stream bench, 2B streaming model, random weights, 1280x704, bf16, six chunks
-#   OUTDIR/profile.json        loadtest/profile_dit.py (kernels of one forward, replay times, host timeline)
+#   OUTDIR/profile.json        loadtest/profile_dit.py (kernels of a forward, replays, host timeline; not with PROFILE=0)
 #   OUTDIR/summary.txt         the GPU (name, UUID, clocks) and each run's headline figures
 #
 # SANA_STREAM_BENCH_COMPILE defaults to 0 here: compiled blocks are slower than the graphs (third pass) and cost
-# a minute each run. Needs diffusers importable (the bench builds the LTX-2 VAE).
+# a minute each run. PROFILE=0 skips the profile. Needs diffusers importable (the bench builds the LTX-2 VAE).
+# On an H100 a bench takes ~3 min, the profile ~1.5, a sweep ~20 s a variant: split a pass over device calls of at
+# most 10 minutes (e.g. the sweep, one bench and the profile; then two benches with PROFILE=0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: perf1_pass.sh OUTDIR [RUNS] [SWEEP_MATCH]}
@@ -29,7 +31,9 @@ for i in $(seq 1 "$RUNS"); do
         --json "$OUT/bench_run$i.json" >"$OUT/bench_run$i.log" 2>&1 || { tail -30 "$OUT/bench_run$i.log"; exit 1; }
     rm -f "$OUT/bench_run$i.log"
 done
-python3 loadtest/profile_dit.py --json "$OUT/profile.json"
+if [[ "${PROFILE:-1}" != 0 ]]; then
+    python3 loadtest/profile_dit.py --json "$OUT/profile.json"
+fi
 python3 - "$OUT" "$RUNS" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys
 
