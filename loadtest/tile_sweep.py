@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import profile_dit  # noqa: E402
 
 from engine import step as step_mod  # noqa: E402
+from engine.bench import _env  # noqa: E402
 from kernels.fused import triton_fused as tf  # noqa: E402
 from kernels.gdn import triton_gdn as tg  # noqa: E402
 
@@ -144,16 +144,8 @@ def main() -> None:
     for name, gdn, dw, env in [(*v, {}) for v in variants()] + env_variants():
         if not any(m in name for m in args.match.split(",")) and name != "default":
             continue
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with _env(**env):
             ms = replay_ms(s, inputs, pool, gdn, dw)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
         res["ms_per_forward"].setdefault(name, []).append(ms)
         print(f"{name:24s} {ms}", flush=True)
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
