@@ -2,12 +2,12 @@
 
     python3 loadtest/probes/offline_regs_probe.py [--json PATH]
 
-Occupancy decides much of phases A and C (kernels/gdn/README.md: one CTA per SM, latency-bound), and it follows
-from the registers per thread and the shared memory per CTA, which the compiler alone fixes. This compiles each
-variant with `triton.compile` for `GPUTarget("cuda", 90, 32)` at the 2B shapes (D = 112 padded to 128, bf16
-operands, the fused prologue with full RoPE tables, 22 x 40 tokens per frame) and reads the cubin's resource
-usage with the cuobjdump that ships with triton. Figures are those of the local triton, which may differ from the
-GPU machine's; the kernels' speed is measured there (`loadtest/tile_sweep.py`).
+Occupancy decides much of phases A and C (kernels/gdn/README.md: one CTA per SM, latency-bound), and it follows from
+the registers per thread and the shared memory per CTA, which the compiler alone fixes. This compiles each variant
+with `triton.compile` for `GPUTarget("cuda", 90, 32)` at the 2B shapes (D = 112 padded to 128, bf16 operands, the
+fused prologue with full RoPE tables, 22 x 40 tokens per frame) and reads the cubin's resource usage (and the SASS
+instruction count) with the cuobjdump that ships with triton. Figures are those of the local triton, which may
+differ from the GPU machine's; the kernels' speed is measured there (`loadtest/tile_sweep.py`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def resources(kernel) -> dict:
         path = os.path.join(d, "k.cubin")
         Path(path).write_bytes(kernel.asm["cubin"])
         out = subprocess.run([str(cuobjdump), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([str(cuobjdump), "-sass", path], capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if m is None:
         raise RuntimeError(f"no resource usage in cuobjdump's output: {out[-300:]}")
@@ -83,8 +84,9 @@ def resources(kernel) -> dict:
     # (1 KiB of it reserved per CTA), 64 warps.
     by_regs = 65536 // (-(-regs // 8) * 8 * 32 * warps)
     by_shared = (228 * 1024) // (shared + 1024)
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
     return {"regs": regs, "stack_bytes": int(m.group(2)), "shared_bytes": shared,
-            "ctas_per_sm": min(by_regs, by_shared, 64 // warps)}  # fmt: skip
+            "ctas_per_sm": min(by_regs, by_shared, 64 // warps), "sass_instructions": instructions}  # fmt: skip
 
 
 def main() -> None:
